@@ -1,0 +1,75 @@
+"""Backend selection for the fused ops.
+
+Every op has a plain-PyTorch ``reference`` implementation (its specification). Faster backends register
+an implementation per op under a name ("triton", "native") together with a check that says whether the
+backend can run on a given device. ``backend="auto"`` picks the first usable one in the order of
+preference for the device; naming an unknown backend is a ValueError, naming one that cannot run here is
+a BackendUnavailableError that says why.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+
+BACKENDS = ("reference", "native", "triton")
+
+# Preference of "auto", best first, by device type.
+_AUTO_ORDER = {"cuda": ("triton", "native", "reference"), "cpu": ("native", "reference")}
+
+_impls: dict[tuple[str, str], Callable] = {}
+# backend -> function(device) returning None when usable there, else the reason it is not.
+_availability: dict[str, Callable[[torch.device], Optional[str]]] = {"reference": lambda device: None}
+# backend -> why it failed to load (set by the module that tried to load it).
+_load_errors: dict[str, str] = {}
+
+
+class BackendUnavailableError(RuntimeError):
+    """A backend was named explicitly but cannot run the op on these inputs."""
+
+
+def register(op: str, backend: str) -> Callable[[Callable], Callable]:
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
+
+    def decorate(fn: Callable) -> Callable:
+        _impls[(op, backend)] = fn
+        return fn
+
+    return decorate
+
+
+def set_availability(backend: str, check: Callable[[torch.device], Optional[str]]) -> None:
+    _availability[backend] = check
+
+
+def record_load_error(backend: str, reason: str) -> None:
+    _load_errors[backend] = reason
+
+
+def _unusable_reason(op: str, backend: str, device: torch.device) -> Optional[str]:
+    if backend in _load_errors:
+        return _load_errors[backend]
+    if (op, backend) not in _impls or backend not in _availability:
+        return f"the {backend!r} backend has no implementation of {op}"
+    return _availability[backend](device)
+
+
+def resolve(op: str, backend: str, device: torch.device) -> tuple[str, Callable]:
+    """Return ``(backend_name, implementation)`` of ``op`` for tensors on ``device``."""
+    if backend == "auto":
+        for name in _AUTO_ORDER.get(device.type, ("reference",)):
+            if _unusable_reason(op, name, device) is None:
+                return name, _impls[(op, name)]
+        raise BackendUnavailableError(f"no backend can run {op} on {device}")  # unreachable: reference
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be 'auto' or one of {BACKENDS}, got {backend!r}")
+    reason = _unusable_reason(op, backend, device)
+    if reason is not None:
+        raise BackendUnavailableError(f"backend {backend!r} cannot run {op} on {device}: {reason}")
+    return backend, _impls[(op, backend)]
+
+
+def available_backends(device: torch.device | str = "cpu", op: str = "linear_act") -> list[str]:
+    device = torch.device(device)
+    return [b for b in BACKENDS if _unusable_reason(op, b, device) is None]

@@ -1,0 +1,49 @@
+"""Input checks shared by every op and every backend.
+
+Each check raises an error that names the offending argument and says what was expected:
+TypeError for a wrong type or a non-floating dtype, ValueError for shapes, devices and empty batches.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def floating_tensor(name: str, value) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if not value.is_floating_point():
+        raise TypeError(f"{name} must have a floating-point dtype, got {value.dtype}")
+    return value
+
+
+def same_device(**tensors: torch.Tensor) -> torch.device:
+    items = [(n, t) for n, t in tensors.items() if t is not None]
+    first_name, first = items[0]
+    for name, t in items[1:]:
+        if t.device != first.device:
+            raise ValueError(f"{name} is on {t.device} but {first_name} is on {first.device}; "
+                             "all inputs must be on one device")
+    return first.device
+
+
+def same_dtype(**tensors: torch.Tensor) -> torch.dtype:
+    items = [(n, t) for n, t in tensors.items() if t is not None]
+    first_name, first = items[0]
+    for name, t in items[1:]:
+        if t.dtype != first.dtype:
+            raise TypeError(f"{name} has dtype {t.dtype} but {first_name} has {first.dtype}; "
+                            "all inputs must share one dtype")
+    return first.dtype
+
+
+def nonempty_batch(name: str, t: torch.Tensor) -> None:
+    if t.dim() == 0 or t.shape[0] == 0:
+        raise ValueError(f"{name} must have a non-empty batch (first) dimension, got shape {tuple(t.shape)}")
+    if t.numel() == 0:
+        raise ValueError(f"{name} must not be empty, got shape {tuple(t.shape)}")
+
+
+def matrix(name: str, t: torch.Tensor) -> None:
+    if t.dim() != 2:
+        raise ValueError(f"{name} must be 2-D [batch, features], got shape {tuple(t.shape)}")
+    nonempty_batch(name, t)

@@ -1,0 +1,94 @@
+"""The VAE-GAN's losses on discriminator logits and features.
+
+With the stable softplus(t) = max(t, 0) + log(1 + exp(-|t|)):
+
+    discriminator_loss(r, f_1..f_n) = mean softplus(-r) + sum_i mean softplus(f_i)
+    generator_loss(f_1..f_n)        = sum_i mean softplus(-f_i)          (non-saturating)
+                                    = -sum_i mean softplus(f_i)          (saturating, the paper's form)
+    feature_recon_loss(a, b)        = mean_over_rows 0.5 * sum_k (a_k - b_k)^2
+
+Each mean is over all elements of its own tensor, so logits of any shape ([N] or [N, 1]) and of different
+sizes can be combined. A feature tensor is [N, ...]: everything after the batch dimension is a feature.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import _dispatch, _validate
+
+DISCRIMINATOR_OP = "discriminator_loss"
+GENERATOR_OP = "generator_loss"
+FEATURE_RECON_OP = "feature_recon_loss"
+
+
+def softplus(t: torch.Tensor) -> torch.Tensor:
+    """log(1 + exp(t)) without overflow at large |t|."""
+    return torch.clamp_min(t, 0) + torch.log1p(torch.exp(-t.abs()))
+
+
+@_dispatch.register(DISCRIMINATOR_OP, "reference")
+def discriminator_loss_reference(real_logits: torch.Tensor, fake_logits: tuple) -> torch.Tensor:
+    loss = softplus(-real_logits).mean()
+    for fake in fake_logits:
+        loss = loss + softplus(fake).mean()
+    return loss
+
+
+@_dispatch.register(GENERATOR_OP, "reference")
+def generator_loss_reference(fake_logits: tuple, saturating: bool) -> torch.Tensor:
+    if saturating:
+        return -sum(softplus(fake).mean() for fake in fake_logits)
+    return sum(softplus(-fake).mean() for fake in fake_logits)
+
+
+@_dispatch.register(FEATURE_RECON_OP, "reference")
+def feature_recon_loss_reference(features_real: torch.Tensor, features_fake: torch.Tensor) -> torch.Tensor:
+    diff = (features_real - features_fake).reshape(features_real.shape[0], -1)
+    return 0.5 * (diff * diff).sum(dim=1).mean()
+
+
+def _check_logits(names_and_tensors) -> torch.device:
+    tensors = {}
+    for name, t in names_and_tensors:
+        _validate.floating_tensor(name, t)
+        if t.numel() == 0:
+            raise ValueError(f"{name} must not be empty, got shape {tuple(t.shape)}")
+        tensors[name] = t
+    device = _validate.same_device(**tensors)
+    _validate.same_dtype(**tensors)
+    return device
+
+
+def discriminator_loss(real_logits: torch.Tensor, *fake_logits: torch.Tensor, backend: str = "auto"):
+    """``mean softplus(-real) + sum over fakes of mean softplus(fake)``: a 0-dim tensor."""
+    if not fake_logits:
+        raise ValueError("discriminator_loss needs at least one fake_logits tensor after real_logits")
+    named = [("real_logits", real_logits)] + [(f"fake_logits[{i}]", f) for i, f in enumerate(fake_logits)]
+    device = _check_logits(named)
+    _, impl = _dispatch.resolve(DISCRIMINATOR_OP, backend, device)
+    return impl(real_logits, tuple(fake_logits))
+
+
+def generator_loss(*fake_logits: torch.Tensor, saturating: bool = False, backend: str = "auto"):
+    """Non-saturating ``sum mean softplus(-fake)``, or saturating ``-sum mean softplus(fake)``."""
+    if not fake_logits:
+        raise ValueError("generator_loss needs at least one fake_logits tensor")
+    if not isinstance(saturating, bool):
+        raise TypeError(f"saturating must be a bool, got {type(saturating).__name__}")
+    device = _check_logits([(f"fake_logits[{i}]", f) for i, f in enumerate(fake_logits)])
+    _, impl = _dispatch.resolve(GENERATOR_OP, backend, device)
+    return impl(tuple(fake_logits), saturating)
+
+
+def feature_recon_loss(features_real: torch.Tensor, features_fake: torch.Tensor, *, backend: str = "auto"):
+    """``0.5 * sum over features of (real - fake)^2``, averaged over the batch: a 0-dim tensor."""
+    _validate.floating_tensor("features_real", features_real)
+    _validate.floating_tensor("features_fake", features_fake)
+    if features_real.shape != features_fake.shape:
+        raise ValueError(f"features_fake must have the shape of features_real {tuple(features_real.shape)}, "
+                         f"got {tuple(features_fake.shape)}")
+    _validate.nonempty_batch("features_real", features_real)
+    device = _validate.same_device(features_real=features_real, features_fake=features_fake)
+    _validate.same_dtype(features_real=features_real, features_fake=features_fake)
+    _, impl = _dispatch.resolve(FEATURE_RECON_OP, backend, device)
+    return impl(features_real, features_fake)

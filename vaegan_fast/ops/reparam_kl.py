@@ -1,0 +1,50 @@
+"""Reparameterization + KL divergence to a standard normal prior.
+
+    z[b, j]  = mu[b, j] + exp(logvar[b, j] / 2) * eps[b, j]          eps ~ N(0, I)
+    kl[b]    = 0.5 * sum_j (mu[b, j]^2 + exp(logvar[b, j]) - logvar[b, j] - 1)
+
+The formula is applied exactly as written: clamping logvar to a safe range is the encoder's job
+(vaegan_fast.nn.MLPEncoder clamps it to [-30, 20]).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from . import _dispatch, _validate
+
+OP = "reparam_kl"
+
+
+@_dispatch.register(OP, "reference")
+def reparam_kl_reference(mu: torch.Tensor, logvar: torch.Tensor, eps: torch.Tensor):
+    """The specification: plain PyTorch in the inputs' dtype, differentiable by autograd."""
+    z = mu + torch.exp(logvar * 0.5) * eps
+    kl = 0.5 * (mu * mu + torch.exp(logvar) - logvar - 1.0).sum(dim=1)
+    return z, kl
+
+
+def reparam_kl(mu: torch.Tensor, logvar: torch.Tensor, eps: Optional[torch.Tensor] = None, *,
+               generator: Optional[torch.Generator] = None, backend: str = "auto"):
+    """Sample ``z = mu + exp(logvar/2) * eps`` and the per-row KL to N(0, I).
+
+    mu, logvar: [B, D] floating tensors of one dtype and device. eps: [B, D] or None, in which case it is
+    drawn from ``generator`` (torch's RNG) here, before the backend runs, so every backend sees the same
+    noise. Returns ``(z [B, D], kl [B])``.
+    """
+    _validate.floating_tensor("mu", mu)
+    _validate.floating_tensor("logvar", logvar)
+    _validate.matrix("mu", mu)
+    if logvar.shape != mu.shape:
+        raise ValueError(f"logvar must have the shape of mu {tuple(mu.shape)}, got {tuple(logvar.shape)}")
+    if eps is not None:
+        _validate.floating_tensor("eps", eps)
+        if eps.shape != mu.shape:
+            raise ValueError(f"eps must have the shape of mu {tuple(mu.shape)}, got {tuple(eps.shape)}")
+    device = _validate.same_device(mu=mu, logvar=logvar, eps=eps)
+    _validate.same_dtype(mu=mu, logvar=logvar, eps=eps)
+    _, impl = _dispatch.resolve(OP, backend, device)
+    if eps is None:
+        eps = torch.randn(mu.shape, generator=generator, device=device, dtype=mu.dtype)
+    return impl(mu, logvar, eps)
