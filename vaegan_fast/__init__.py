@@ -1,5 +1,6 @@
 """vaegan_fast: a performance engine for training VAE-GANs in PyTorch."""
 from . import ops
+from .model import BASELINE_OPTIONS, PRESETS, RECOMMENDED_BATCH, Model
 
 __version__ = "0.1.0"
-__all__ = ["ops"]
+__all__ = ["BASELINE_OPTIONS", "Model", "PRESETS", "RECOMMENDED_BATCH", "ops"]

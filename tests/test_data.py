@@ -1,0 +1,99 @@
+"""Datasets: IDX parsing with corruption checks, Fashion-MNIST, PNG folders, synthetic data, batch order."""
+import gzip
+import struct
+
+import numpy as np
+import pytest
+import torch
+
+from vaegan_fast import data
+
+
+def write_idx(path, array: np.ndarray, compress=True):
+    header = bytes([0, 0, 0x08, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
+    raw = header + array.astype(np.uint8).tobytes()
+    path.write_bytes(gzip.compress(raw) if compress else raw)
+    return raw
+
+
+def test_read_idx_round_trips(tmp_path):
+    array = np.random.randint(0, 256, size=(5, 4, 3)).astype(np.uint8)
+    write_idx(tmp_path / "a.gz", array)
+    write_idx(tmp_path / "a.idx", array, compress=False)
+    assert np.array_equal(data.read_idx(tmp_path / "a.gz"), array)
+    assert np.array_equal(data.read_idx(tmp_path / "a.idx"), array)
+
+
+def test_truncated_or_corrupt_idx_files_are_rejected(tmp_path):
+    raw = write_idx(tmp_path / "a.idx", np.ones((4, 3)), compress=False)
+    (tmp_path / "short.idx").write_bytes(raw[:-1])
+    with pytest.raises(ValueError, match="truncated"):
+        data.read_idx(tmp_path / "short.idx")
+    (tmp_path / "magic.idx").write_bytes(b"\x01\x02" + raw[2:])
+    with pytest.raises(ValueError, match="not an IDX file"):
+        data.read_idx(tmp_path / "magic.idx")
+    (tmp_path / "cut.gz").write_bytes(gzip.compress(raw)[:-6])
+    with pytest.raises(ValueError, match="corrupt or truncated"):
+        data.read_idx(tmp_path / "cut.gz")
+
+
+def test_missing_fashion_mnist_says_how_to_install_it(tmp_path):
+    with pytest.raises(FileNotFoundError, match="apt-get install -y dataset-fashion-mnist"):
+        data.load_fashion_mnist("train", root=tmp_path)
+
+
+def test_fashion_mnist_files_of_the_wrong_shape_are_rejected(tmp_path):
+    write_idx(tmp_path / "t10k-images-idx3-ubyte.gz", np.zeros((10, 28, 28)))
+    write_idx(tmp_path / "t10k-labels-idx1-ubyte.gz", np.zeros((10,)))
+    with pytest.raises(ValueError, match="expected"):
+        data.load_fashion_mnist("test", root=tmp_path)
+
+
+@pytest.mark.skipif(not (data.FASHION_MNIST_DIR / "t10k-images-idx3-ubyte.gz").exists(),
+                    reason="Fashion-MNIST is not installed (apt-get install dataset-fashion-mnist)")
+def test_fashion_mnist_test_split_loads_as_pixels_in_0_1():
+    test = data.load_fashion_mnist("test")
+    assert test.images.shape == (10000, 784) and test.images.dtype == torch.float32
+    assert test.images.min() == 0 and test.images.max() == 1
+    assert torch.bincount(test.labels).tolist() == [1000] * 10
+    assert test.image_shape == (28, 28)
+
+
+def test_png_folder_loads_same_sized_images_and_rejects_mixed_sizes(tmp_path):
+    from PIL import Image
+    pixels = np.random.randint(0, 256, size=(3, 6, 5)).astype(np.uint8)
+    for i, p in enumerate(pixels):
+        Image.fromarray(p).save(tmp_path / f"{i}.png")
+    folder = data.load_dataset(str(tmp_path))
+    assert folder.image_shape == (6, 5)
+    torch.testing.assert_close(folder.images, torch.from_numpy(pixels.reshape(3, 30) / 255.0).float())
+    colour = data.load_image_folder(tmp_path, mode="RGB")
+    assert colour.dim == 90 and colour.image_shape == (6, 5, 3)
+    Image.fromarray(np.zeros((7, 5), dtype=np.uint8)).save(tmp_path / "odd.png")
+    with pytest.raises(ValueError, match="same size"):
+        data.load_image_folder(tmp_path)
+    (tmp_path / "odd.png").write_bytes(b"not a png")
+    with pytest.raises(ValueError, match="not a readable PNG"):
+        data.load_image_folder(tmp_path)
+
+
+def test_synthetic_images_are_structured_and_in_range():
+    synth = data.synthetic(64, seed=1)
+    assert synth.images.shape == (64, 784)
+    assert synth.images.min() >= 0 and synth.images.max() <= 1
+    assert synth.images.std() > 0.05
+    assert torch.equal(synth.images, data.synthetic(64, seed=1).images)
+    with pytest.raises(ValueError, match="data must be one of"):
+        data.load_dataset("cifar-10")
+
+
+def test_batch_stream_is_a_function_of_the_step_and_covers_each_epoch_once():
+    ds = data.ImageDataset(torch.arange(10.0).unsqueeze(1), (1, 1))
+    stream = data.BatchStream(ds, 3, seed=7)
+    epoch0 = torch.cat([stream.batch(s) for s in range(3)]).flatten()
+    assert len(set(epoch0.tolist())) == 9  # 3 full batches, the last partial one dropped
+    again = data.BatchStream(ds, 3, seed=7)
+    assert torch.equal(again.batch(4), stream.batch(4))  # a fresh stream (a resumed run) agrees
+    assert not torch.equal(stream.batch(0), stream.batch(3))  # a new epoch is a new permutation
+    with pytest.raises(ValueError, match="larger than the dataset"):
+        data.BatchStream(ds, 11)

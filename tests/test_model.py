@@ -1,0 +1,321 @@
+"""vaegan_fast.Model: gradient routing, gating, checkpoints and input checks (the foundation's contract)."""
+import copy
+
+import pytest
+import torch
+
+import vaegan_fast
+from vaegan_fast import Model
+from vaegan_fast.model import NETWORKS
+
+SMALL = dict(input_dim=20, latent_dim=3, encoder_hidden=(12, 7), decoder_hidden=(7, 12),
+             discriminator_hidden=(11, 6))
+
+
+def small_model(**options) -> Model:
+    return Model(**{**SMALL, **options})
+
+
+def batch(n=9, dim=20, dtype=torch.float32):
+    return torch.rand(n, dim, dtype=dtype)
+
+
+def snapshot(model: Model) -> dict:
+    """Everything a step may change: weights, optimizer states, step count, random stream."""
+    return {"weights": {k: v.clone() for k, v in model.state_dict().items()},
+            "optimizers": copy.deepcopy({n: o.state_dict() for n, o in model.optimizers.items()}),
+            "step": model.step, "rng": model._rng().get_state().clone()}
+
+
+def assert_same_state(a: dict, b: dict):
+    assert a["step"] == b["step"]
+    assert torch.equal(a["rng"], b["rng"])
+    assert a["weights"].keys() == b["weights"].keys()
+    for k in a["weights"]:
+        assert torch.equal(a["weights"][k], b["weights"][k]), k
+    for name in NETWORKS:
+        sa, sb = a["optimizers"][name]["state"], b["optimizers"][name]["state"]
+        assert sa.keys() == sb.keys(), name
+        for p in sa:
+            for key in sa[p]:
+                assert torch.equal(torch.as_tensor(sa[p][key]), torch.as_tensor(sb[p][key])), (name, p, key)
+
+
+class RecordingOptimizer:
+    """Wraps an optimizer and keeps a copy of the gradients it is asked to apply."""
+
+    def __init__(self, optimizer):
+        self.optimizer, self.applied = optimizer, None
+
+    def step(self):
+        self.applied = [p.grad.clone() for g in self.optimizer.param_groups for p in g["params"]]
+        self.optimizer.step()
+
+    def zero_grad(self, set_to_none=True):
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+
+OPTION_GRID = [
+    dict(),
+    dict(recon_as_fake=False, saturating=True, gamma=0.3, pixel_weight=0.0),
+    dict(feature_layer=0, gamma=2.0, pixel_weight=0.5),
+]
+
+
+@pytest.mark.parametrize("options", OPTION_GRID)
+def test_each_network_is_updated_by_the_gradient_of_its_own_loss_alone(options):
+    model = small_model(**options).double()
+    x = batch(dtype=torch.float64)
+    twin = copy.deepcopy(model)
+    for name in NETWORKS:
+        model.optimizers[name] = RecordingOptimizer(model.optimizers[name])
+    model.train_step(x)
+
+    for name in NETWORKS:
+        # A fresh model, a fresh graph, one loss, one backward: the gradient that network must receive.
+        alone = copy.deepcopy(twin)
+        alone.losses(x)[name].backward()
+        expected = [p.grad for p in alone.parameters_of(name)]
+        applied = model.optimizers[name].applied
+        assert len(applied) == len(expected)
+        for got, want in zip(applied, expected):
+            torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
+
+
+def test_summing_the_losses_would_route_wrong_gradients():
+    """The test above has teeth: one backward over the summed losses gives the decoder a different gradient."""
+    model = small_model().double()
+    x = batch(dtype=torch.float64)
+    alone, summed = copy.deepcopy(model), copy.deepcopy(model)
+    alone.losses(x)["decoder"].backward()
+    losses = summed.losses(x)
+    (losses["encoder"] + losses["decoder"] + losses["discriminator"]).backward()
+    own = torch.cat([p.grad.flatten() for p in alone.parameters_of("decoder")])
+    mixed = torch.cat([p.grad.flatten() for p in summed.parameters_of("decoder")])
+    assert (own - mixed).abs().max() > 1e-6
+
+
+def test_losses_routed_by_hand_match_train_step():
+    model = small_model()
+    x = batch()
+    manual = copy.deepcopy(model)
+    stats = model.train_step(x)
+    losses = manual.losses(x)
+    grads = {n: torch.autograd.grad(losses[n], manual.parameters_of(n), retain_graph=True) for n in NETWORKS}
+    for name in NETWORKS:  # step only after every gradient is taken, as the docstring says
+        for p, g in zip(manual.parameters_of(name), grads[name]):
+            p.grad = g
+        manual.optimizers[name].step()
+    for (k, a), b in zip(model.state_dict().items(), manual.state_dict().values()):
+        if k != "gate_skips":
+            assert torch.equal(a, b), k
+    assert torch.equal(stats["encoder_loss"], losses["encoder"].detach())
+
+
+@pytest.mark.parametrize("d_real,d_fake,train_disc,train_dec", [
+    (0.68, 0.68, True, True),     # in equilibrium: train both
+    (0.20, 0.70, False, True),    # real score too good (< 0.33): the discriminator is winning, skip it
+    (0.70, 0.20, False, True),
+    (1.20, 0.70, True, False),    # > 1.03: the discriminator is losing badly, skip the decoder
+    (0.70, 1.20, True, False),
+    (0.20, 1.20, True, True),     # both would be skipped: train both
+    (0.33, 1.03, True, True),     # the bounds themselves are inside
+])
+def test_gate_decisions_follow_the_equilibrium_rule(d_real, d_fake, train_disc, train_dec):
+    model = small_model(gating=True, equilibrium=0.68, margin=0.35)
+    disc, dec = model.gate_decisions(torch.tensor(d_real), torch.tensor(d_fake))
+    assert (bool(disc), bool(dec)) == (train_disc, train_dec)
+
+
+@pytest.mark.parametrize("skipped,equilibrium", [("discriminator", 50.0), ("decoder", -50.0)])
+def test_a_gated_update_leaves_that_network_and_its_optimizer_untouched(skipped, equilibrium):
+    model = small_model()
+    model.train_step(batch())  # every optimizer now holds state that a skipped update must not touch
+    model.config.update(gating=True, equilibrium=equilibrium, margin=0.1)
+    before = snapshot(model)
+    stats = model.train_step(batch())
+    after = snapshot(model)
+    for name in NETWORKS:
+        unchanged = all(torch.equal(before["weights"][k], after["weights"][k])
+                        for k in before["weights"] if k.startswith(name + "."))
+        assert unchanged == (name == skipped), name
+        state_before, state_after = before["optimizers"][name]["state"], after["optimizers"][name]["state"]
+        same_state = all(torch.equal(state_before[p][key], state_after[p][key])
+                         for p in state_before for key in state_before[p])
+        assert same_state == (name == skipped), name
+    key = "train_discriminator" if skipped == "discriminator" else "train_decoder"
+    assert not bool(stats[key])
+    assert model.gate_skips.tolist() == ([1, 0] if skipped == "discriminator" else [0, 1])
+
+
+def test_save_load_round_trip_is_bit_exact(tmp_path):
+    model = small_model(lr={"encoder": 1e-3, "decoder": 2e-3, "discriminator": 5e-4}, gamma=0.5)
+    for _ in range(3):
+        model.train_step(batch())
+    model.save(tmp_path / "m.pt")
+    loaded = Model.load(tmp_path / "m.pt")
+    assert loaded.config == model.config
+    assert_same_state(snapshot(model), snapshot(loaded))
+    x = batch()
+    a, b = model.train_step(x), loaded.train_step(x)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_training_resumed_from_a_checkpoint_equals_training_straight(tmp_path):
+    xs = [batch() for _ in range(6)]
+    straight = small_model(seed=3)
+    for x in xs:
+        straight.train_step(x)
+    first = small_model(seed=3)
+    for x in xs[:3]:
+        first.train_step(x)
+    first.save(tmp_path / "half.pt")
+    resumed = Model.load(tmp_path / "half.pt")
+    for x in xs[3:]:
+        resumed.train_step(x)
+    assert_same_state(snapshot(straight), snapshot(resumed))
+
+
+def test_save_is_atomic_a_failed_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    model = small_model()
+    path = tmp_path / "m.pt"
+    model.save(path)
+    good = path.read_bytes()
+    model.train_step(batch())
+
+    def failing_save(obj, f):
+        f.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", failing_save)
+    with pytest.raises(OSError, match="disk full"):
+        model.save(path)
+    assert path.read_bytes() == good
+    assert [p.name for p in tmp_path.iterdir()] == ["m.pt"]  # no temporary file left behind
+
+
+def test_a_truncated_checkpoint_is_reported_not_loaded(tmp_path):
+    path = tmp_path / "m.pt"
+    small_model().save(path)
+    path.write_bytes(path.read_bytes()[:200])
+    with pytest.raises(ValueError, match="corrupt"):
+        Model.load(path)
+
+
+BAD_BATCHES = [
+    (torch.rand(9, 21), ValueError, "20 features"),
+    (torch.rand(9, 20).index_fill_(0, torch.tensor([4]), float("nan")), ValueError, "NaN or Inf"),
+    (torch.rand(9, 20).index_fill_(0, torch.tensor([0]), float("inf")), ValueError, "NaN or Inf"),
+    (torch.randint(0, 2, (9, 20)), TypeError, "floating-point"),
+    (torch.rand(3, 3, 20), ValueError, "2-D"),
+    (torch.rand(0, 20), ValueError, "at least one row"),
+    (torch.rand(9, 20) * 3, ValueError, r"\[0, 1\]"),
+    ([[0.5] * 20], TypeError, "torch.Tensor"),
+]
+
+
+@pytest.mark.parametrize("x,error,message", BAD_BATCHES)
+def test_bad_input_raises_a_clear_error_and_changes_nothing(x, error, message):
+    model = small_model()
+    model.train_step(batch())
+    before = snapshot(model)
+    with pytest.raises(error, match=message):
+        model.train_step(x)
+    assert_same_state(before, snapshot(model))
+
+
+def test_check_inputs_can_be_switched_off_for_the_fastest_step():
+    model = small_model(check_inputs=False)
+    model.train_step(batch() * 0.5)  # no read-back; shape and dtype checks still apply
+    with pytest.raises(ValueError, match="20 features"):
+        model.train_step(torch.rand(9, 19))
+
+
+def test_presets_have_the_documented_sizes():
+    seed = Model.preset("seed")
+    assert [l.weight.shape[1] for l in seed.discriminator.net.layers] == [784, 128, 64, 32]
+    assert seed.encoder.head.weight.shape == (32, 32)  # [mu; logvar] for latent 16
+    wide = Model.preset("wide", gamma=0.5)
+    assert [tuple(l.weight.shape) for l in wide.decoder.net.layers] == [(512, 128), (1024, 512), (784, 1024)]
+    assert wide.config["gamma"] == 0.5
+    with pytest.raises(ValueError, match="preset"):
+        Model.preset("huge")
+
+
+def test_public_helpers_shapes_and_ranges():
+    model = small_model()
+    x = batch()
+    mu, logvar = model.encode(x)
+    assert mu.shape == logvar.shape == (9, 3)
+    images = model.sample(5)
+    assert images.shape == (5, 20) and images.min() >= 0 and images.max() <= 1
+    assert model.reconstruct(x).shape == x.shape
+    rng_before = model._rng().get_state().clone()
+    model.sample(3)
+    assert torch.equal(rng_before, model._rng().get_state())  # sampling does not disturb training's stream
+
+
+def test_logvar_is_clamped_by_the_encoder():
+    model = small_model()
+    with torch.no_grad():
+        model.encoder.head.bias[3:] = 1e4
+    _, logvar = model.encode(batch())
+    assert logvar.max().item() == vaegan_fast.nn.LOGVAR_MAX
+
+
+class ConvEncoder(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(1, 4, 3, stride=2)
+        self.head = torch.nn.Linear(4 * 3 * 3, 4)
+
+    def forward(self, x):
+        h = torch.relu(self.conv(x.reshape(-1, 1, 8, 8))).flatten(1)
+        return self.head(h).chunk(2, dim=1)
+
+
+class ConvDiscriminator(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(1, 4, 3, stride=2)
+        self.out = torch.nn.Linear(36, 1)
+
+    def forward(self, x):
+        features = torch.relu(self.conv(x.reshape(-1, 1, 8, 8))).flatten(1)
+        return self.out(features), features  # [N, 1] logits are accepted
+
+
+def test_custom_networks_train_and_round_trip(tmp_path):
+    def make():
+        torch.manual_seed(0)
+        return dict(encoder=ConvEncoder(), decoder=torch.nn.Linear(2, 64), discriminator=ConvDiscriminator())
+    model = Model(input_dim=64, latent_dim=2, **make())
+    for _ in range(2):
+        stats = model.train_step(torch.rand(5, 64))
+    assert torch.isfinite(stats["encoder_loss"])
+    model.save(tmp_path / "c.pt")
+    with pytest.raises(ValueError, match="custom networks"):
+        Model.load(tmp_path / "c.pt")
+    loaded = Model.load(tmp_path / "c.pt", **make())
+    assert_same_state(snapshot(model), snapshot(loaded))
+
+
+def test_model_options_are_validated():
+    with pytest.raises(ValueError, match="optimizer"):
+        small_model(optimizer="sgd")
+    with pytest.raises(ValueError, match="feature_layer"):
+        small_model(feature_layer=5)
+    with pytest.raises(ValueError, match="lr as a dict"):
+        small_model(lr={"encoder": 1e-3})
+    with pytest.raises(ValueError, match="all three"):
+        Model(**SMALL, encoder=torch.nn.Linear(20, 6))
+    with pytest.raises(ValueError, match="backend"):
+        small_model(backend="cuda-magic").train_step(batch())
+
+
+def test_rmsprop_optimizers_train():
+    model = small_model(optimizer="rmsprop", lr=1e-3)
+    assert all(isinstance(o, torch.optim.RMSprop) for o in model.optimizers.values())
+    before = snapshot(model)
+    model.train_step(batch())
+    assert not torch.equal(before["weights"]["decoder.net.layers.0.weight"], model.decoder.net.layers[0].weight)

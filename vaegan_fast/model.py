@@ -1,0 +1,358 @@
+"""vaegan_fast.Model: the VAE-GAN of Larsen et al. (2016) with correctly routed updates.
+
+One training step on a batch x (see shared docs/vaegan.md, the specification):
+    mu, logvar = Enc(x);  z, kl = reparam_kl(mu, logvar);  x_rec = Dec(z);  x_p = Dec(z_p), z_p ~ N(0, I)
+    s, D_l = Dis([x; sigmoid(x_rec); sigmoid(x_p)])             (one discriminator pass over all three)
+    prior  = mean kl                     llike = feature_recon_loss(D_l(x), D_l(x_rec))
+    pixel  = sum BCE(x, x_rec) / B       L_D = discriminator_loss(s(x), s(x_p) [, s(x_rec)])
+    L_G    = generator_loss(s(x_p) [, s(x_rec)])
+    encoder:       prior + llike + pixel_weight * pixel
+    decoder:       gamma * llike + L_G + pixel_weight * pixel
+    discriminator: L_D
+Each network's gradient comes from its own loss alone (one torch.autograd.grad per network, all taken
+before any parameter changes), then each optimizer steps.
+"""
+from __future__ import annotations
+
+import copy
+import os
+import warnings
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import checkpoint
+from .nn import FusedLinear, MLPDecoder, MLPDiscriminator, MLPEncoder
+from .ops import discriminator_loss, feature_recon_loss, generator_loss, reparam_kl, softplus
+
+NETWORKS = ("encoder", "decoder", "discriminator")
+OPTIMIZERS = {"adam": torch.optim.Adam, "rmsprop": torch.optim.RMSprop}
+CHECKPOINT_FORMAT = "vaegan_fast/1"
+
+PRESETS = {
+    # The sizes of the foundation's MLP VAE-GAN; batch 256 recommended.
+    "seed": dict(input_dim=784, latent_dim=16, encoder_hidden=(128, 64, 32), decoder_hidden=(32, 64, 128),
+                 discriminator_hidden=(128, 64, 32)),
+    # enc 784-1024-512, latent 128, dec 128-512-1024-784, disc 784-1024-512-1; batch 512 recommended.
+    "wide": dict(input_dim=784, latent_dim=128, encoder_hidden=(1024, 512), decoder_hidden=(512, 1024),
+                 discriminator_hidden=(1024, 512)),
+}
+RECOMMENDED_BATCH = {"seed": 256, "wide": 512}
+
+# The configuration of the straightforward eager baseline in bench/: what comparisons run.
+BASELINE_OPTIONS = dict(gamma=1.0, pixel_weight=0.0, recon_as_fake=True, saturating=False, gating=False,
+                        feature_layer=-1, lr=2e-4, betas=(0.5, 0.999))
+
+
+def _per_network(name: str, value) -> dict:
+    """One value for all three networks, or a dict keyed by network name."""
+    if isinstance(value, dict):
+        unknown = set(value) - set(NETWORKS)
+        missing = set(NETWORKS) - set(value)
+        if unknown or missing:
+            raise ValueError(f"{name} as a dict needs exactly the keys {NETWORKS}; "
+                             f"unknown {sorted(unknown)}, missing {sorted(missing)}")
+        return dict(value)
+    return {n: value for n in NETWORKS}
+
+
+class Model(nn.Module):
+    """A VAE-GAN: encoder, decoder (= generator) and discriminator, with their losses and optimizers.
+
+    Built-in MLP networks are made from the size arguments; pass ``encoder``, ``decoder`` and
+    ``discriminator`` modules to use your own (see vaegan_fast.nn.networks for the contract).
+    """
+
+    def __init__(self, input_dim: int = 784, latent_dim: int = 16,
+                 encoder_hidden: Sequence[int] = (128, 64, 32), decoder_hidden: Sequence[int] = (32, 64, 128),
+                 discriminator_hidden: Sequence[int] = (128, 64, 32), activation: str = "leaky_relu",
+                 negative_slope: float = 0.2, *, gamma: float = 1.0, pixel_weight: float = 1.0,
+                 recon_as_fake: bool = True, saturating: bool = False, gating: bool = False,
+                 equilibrium: float = 0.68, margin: float = 0.35, feature_layer: int = -1,
+                 optimizer: str = "adam", lr=2e-4, betas=(0.5, 0.999), backend: str = "auto",
+                 check_inputs: bool = True, seed: int = 0, encoder: Optional[nn.Module] = None,
+                 decoder: Optional[nn.Module] = None, discriminator: Optional[nn.Module] = None):
+        super().__init__()
+        custom = [m is not None for m in (encoder, decoder, discriminator)]
+        if any(custom) and not all(custom):
+            raise ValueError("pass all three of encoder, decoder and discriminator, or none of them")
+        if optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {tuple(OPTIMIZERS)}, got {optimizer!r}")
+        for name, value in (("gamma", gamma), ("pixel_weight", pixel_weight), ("margin", margin)):
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"{name} must be a non-negative number, got {value!r}")
+        lrs, betas_per_net = _per_network("lr", lr), _per_network("betas", betas)
+        self.config = dict(
+            input_dim=int(input_dim), latent_dim=int(latent_dim), encoder_hidden=tuple(encoder_hidden),
+            decoder_hidden=tuple(decoder_hidden), discriminator_hidden=tuple(discriminator_hidden),
+            activation=activation, negative_slope=float(negative_slope), gamma=float(gamma),
+            pixel_weight=float(pixel_weight), recon_as_fake=bool(recon_as_fake), saturating=bool(saturating),
+            gating=bool(gating), equilibrium=float(equilibrium), margin=float(margin),
+            feature_layer=int(feature_layer), optimizer=optimizer, lr={k: float(v) for k, v in lrs.items()},
+            betas={k: tuple(float(b) for b in v) for k, v in betas_per_net.items()}, backend=backend,
+            check_inputs=bool(check_inputs), seed=int(seed), custom_networks=all(custom))
+
+        if all(custom):
+            self.encoder, self.decoder, self.discriminator = encoder, decoder, discriminator
+        else:
+            kw = dict(activation=activation, negative_slope=negative_slope, backend=backend)
+            with torch.random.fork_rng(devices=[]):  # initial weights from the model's seed alone
+                torch.manual_seed(seed)
+                self.encoder = MLPEncoder(input_dim, encoder_hidden, latent_dim, **kw)
+                self.decoder = MLPDecoder(latent_dim, decoder_hidden, input_dim, **kw)
+                self.discriminator = MLPDiscriminator(input_dim, discriminator_hidden, feature_layer, **kw)
+
+        opt_cls = OPTIMIZERS[optimizer]
+        self.optimizers = {}
+        for name in NETWORKS:
+            kwargs = {"lr": lrs[name]}
+            if optimizer == "adam":
+                kwargs["betas"] = tuple(betas_per_net[name])
+            self.optimizers[name] = opt_cls(getattr(self, name).parameters(), **kwargs)
+
+        # How often the equilibrium gate skipped [the discriminator's, the decoder's] update: kept on the
+        # device so that counting never waits for the host.
+        self.register_buffer("gate_skips", torch.zeros(2, dtype=torch.long))
+        self.step = 0
+        self._generator: Optional[torch.Generator] = None
+
+    # ----------------------------------------------------------------------------------------- building
+    @classmethod
+    def preset(cls, name: str, **overrides) -> "Model":
+        """``Model.preset("seed")`` or ``Model.preset("wide")``, with any keyword overridden."""
+        if name not in PRESETS:
+            raise ValueError(f"preset must be one of {tuple(PRESETS)}, got {name!r}")
+        return cls(**{**PRESETS[name], **overrides})
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    @property
+    def backend(self) -> str:
+        return self.config["backend"]
+
+    @backend.setter
+    def backend(self, backend: str) -> None:
+        """Switch the backend of the built-in networks and the losses (custom networks keep their own)."""
+        self.config["backend"] = backend
+        for module in self.modules():
+            if isinstance(module, FusedLinear):
+                module.backend = backend
+
+    def parameters_of(self, network: str) -> list:
+        if network not in NETWORKS:
+            raise ValueError(f"network must be one of {NETWORKS}, got {network!r}")
+        return list(getattr(self, network).parameters())
+
+    def _rng(self) -> torch.Generator:
+        """The generator of eps and z_p, on the model's device, seeded from the model's seed."""
+        device = self.device
+        gen = self._generator
+        if gen is None or gen.device.type != device.type:
+            gen = torch.Generator(device)
+            gen.manual_seed(self.config["seed"] + 1_000_003 * self.step)
+            self._generator = gen
+        return gen
+
+    # ----------------------------------------------------------------------------------------- inputs
+    def _check_batch(self, x) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"x must be a torch.Tensor of pixel values, got {type(x).__name__}")
+        if not x.is_floating_point():
+            raise TypeError(f"x must be a floating-point tensor of pixel values in [0, 1], got dtype {x.dtype}")
+        width = self.config["input_dim"]
+        if x.dim() != 2:
+            raise ValueError(f"x must be 2-D [batch, {width}], got shape {tuple(x.shape)}")
+        if x.shape[0] == 0:
+            raise ValueError(f"x must hold at least one row, got shape {tuple(x.shape)}")
+        if x.shape[1] != width:
+            raise ValueError(f"x must have {width} features per row (the model's input_dim), got {x.shape[1]}")
+        if x.device != self.device:
+            raise ValueError(f"x is on {x.device} but the model is on {self.device}")
+        if self.config["check_inputs"]:
+            # One read-back from the device; Model(check_inputs=False) skips it for the fastest step.
+            finite, in_range = torch.stack([torch.isfinite(x).all(), ((x >= 0) & (x <= 1)).all()]).tolist()
+            if not finite:
+                raise ValueError("x contains NaN or Inf values")
+            if not in_range:
+                raise ValueError("x must hold pixel values in [0, 1] (the decoder's sigmoid range)")
+        return x.to(self.dtype)
+
+    # ----------------------------------------------------------------------------------------- forward
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.encoder(x)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Images in [0, 1]: the sigmoid of the decoder's logits."""
+        return torch.sigmoid(self.decoder(z))
+
+    @torch.no_grad()
+    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        """Decode the posterior mean of each row of x."""
+        mu, _ = self.encoder(self._check_batch(x))
+        return self.decode(mu)
+
+    @torch.no_grad()
+    def sample(self, n: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """n images from the prior, [n, input_dim] in [0, 1]. Uses torch's RNG, not the training stream."""
+        if not isinstance(n, int) or n <= 0:
+            raise ValueError(f"n must be a positive int, got {n!r}")
+        z = torch.randn(n, self.config["latent_dim"], generator=generator, device=self.device, dtype=self.dtype)
+        return self.decode(z)
+
+    def _losses(self, x: torch.Tensor) -> dict:
+        cfg, backend = self.config, self.config["backend"]
+        batch = x.shape[0]
+        gen = self._rng()
+        mu, logvar = self.encoder(x)
+        z, kl = reparam_kl(mu, logvar, generator=gen, backend=backend)
+        z_prior = torch.randn(z.shape, generator=gen, device=z.device, dtype=z.dtype)
+        rec_logits = self.decoder(z)
+        prior_logits = self.decoder(z_prior)
+        scores, features = self.discriminator(
+            torch.cat([x, torch.sigmoid(rec_logits), torch.sigmoid(prior_logits)]))
+        s_real, s_rec, s_prior = scores.reshape(3 * batch).split(batch)
+        f_real, f_rec, _ = features.split(batch)
+
+        prior = kl.mean()
+        llike = feature_recon_loss(f_real, f_rec, backend=backend)
+        fakes = (s_prior, s_rec) if cfg["recon_as_fake"] else (s_prior,)
+        disc = discriminator_loss(s_real, *fakes, backend=backend)
+        gen_loss = generator_loss(*fakes, saturating=cfg["saturating"], backend=backend)
+        enc = prior + llike
+        dec = cfg["gamma"] * llike + gen_loss
+        pixel = None
+        if cfg["pixel_weight"] > 0:
+            pixel = F.binary_cross_entropy_with_logits(rec_logits, x, reduction="sum") / batch
+            enc = enc + cfg["pixel_weight"] * pixel
+            dec = dec + cfg["pixel_weight"] * pixel
+        # The equilibrium gate's statistics (detached: they steer, they are not trained on).
+        d_real = softplus(-s_real.detach()).mean()
+        d_fake = softplus(s_prior.detach()).mean()
+        losses = {"encoder": enc, "decoder": dec, "discriminator": disc, "kl": prior, "llike": llike,
+                  "generator": gen_loss, "d_real": d_real, "d_fake": d_fake}
+        if pixel is not None:
+            losses["pixel"] = pixel
+        return losses
+
+    def losses(self, x: torch.Tensor) -> dict:
+        """The three networks' losses on batch x ("encoder", "decoder", "discriminator") and their parts.
+
+        Draws eps and z_p from the model's training stream, as train_step does. To train with your own
+        optimizers, route each loss to its own network only (never sum them and call backward once):
+
+            L = model.losses(x)
+            for net in ("encoder", "decoder", "discriminator"):
+                params = model.parameters_of(net)
+                grads = torch.autograd.grad(L[net], params, retain_graph=True)
+                for p, g in zip(params, grads):
+                    p.grad = g
+            # ...then step your optimizers, after all three gradients are taken.
+        """
+        return self._losses(self._check_batch(x))
+
+    # ----------------------------------------------------------------------------------------- training
+    def gate_decisions(self, d_real: torch.Tensor, d_fake: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(train_discriminator, train_decoder) as 0-dim bool tensors, by the equilibrium rule.
+
+        Skip the discriminator when either statistic < eq - margin (it is winning), skip the decoder when
+        either > eq + margin (it is losing badly); if both would be skipped, train both.
+        """
+        if not self.config["gating"]:
+            true = torch.ones((), dtype=torch.bool, device=d_real.device)
+            return true, true
+        low = self.config["equilibrium"] - self.config["margin"]
+        high = self.config["equilibrium"] + self.config["margin"]
+        train_disc = ~((d_real < low) | (d_fake < low))
+        train_dec = ~((d_real > high) | (d_fake > high))
+        neither = ~(train_disc | train_dec)
+        return train_disc | neither, train_dec | neither
+
+    def routed_gradients(self, losses: dict, networks: Sequence[str] = NETWORKS) -> dict:
+        """Each named network's gradient of its own loss alone: {network: [grad per parameter]}."""
+        grads = {}
+        for name in networks:
+            params = self.parameters_of(name)
+            grads[name] = list(torch.autograd.grad(losses[name], params, retain_graph=True, allow_unused=True))
+        return grads
+
+    def train_step(self, x: torch.Tensor) -> dict:
+        """One VAE-GAN update of all three networks; returns detached 0-dim tensors on the model's device."""
+        x = self._check_batch(x)
+        losses = self._losses(x)
+        train_disc, train_dec = self.gate_decisions(losses["d_real"], losses["d_fake"])
+        if self.config["gating"]:
+            # The gate needs the decision on the host to skip work (the device-side form is a later issue).
+            active = {"encoder": True, "decoder": bool(train_dec), "discriminator": bool(train_disc)}
+        else:
+            active = dict.fromkeys(NETWORKS, True)
+        grads = self.routed_gradients(losses, [n for n in NETWORKS if active[n]])
+        # All gradients are taken before any parameter changes in place.
+        for name, net_grads in grads.items():
+            for p, g in zip(self.parameters_of(name), net_grads):
+                p.grad = g
+            self.optimizers[name].step()
+            self.optimizers[name].zero_grad(set_to_none=True)
+        self.gate_skips += torch.stack([~train_disc, ~train_dec]).long()
+        self.step += 1
+        stats = {"encoder_loss": losses["encoder"], "decoder_loss": losses["decoder"],
+                 "discriminator_loss": losses["discriminator"], "kl": losses["kl"], "llike": losses["llike"],
+                 "generator_loss": losses["generator"], "d_real": losses["d_real"], "d_fake": losses["d_fake"],
+                 "train_discriminator": train_disc, "train_decoder": train_dec}
+        if "pixel" in losses:
+            stats["pixel"] = losses["pixel"]
+        return {k: v.detach() for k, v in stats.items()}
+
+    # ----------------------------------------------------------------------------------------- checkpoints
+    def checkpoint_state(self) -> dict:
+        gen = self._rng()
+        return {"format": CHECKPOINT_FORMAT, "config": copy.deepcopy(self.config), "weights": self.state_dict(),
+                "optimizers": {n: opt.state_dict() for n, opt in self.optimizers.items()}, "step": self.step,
+                "rng_device": gen.device.type, "rng_state": gen.get_state()}
+
+    def save(self, path: str | os.PathLike, extra: Optional[dict] = None) -> None:
+        """Write config, weights, optimizer states, step count and RNG state atomically to ``path``."""
+        state = self.checkpoint_state()
+        if extra is not None:
+            state["extra"] = extra
+        checkpoint.atomic_save(state, path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, map_location=None, *, encoder: Optional[nn.Module] = None,
+             decoder: Optional[nn.Module] = None, discriminator: Optional[nn.Module] = None) -> "Model":
+        """Restore a model saved by ``save``; a GPU checkpoint loads on a CPU with map_location="cpu"."""
+        state = checkpoint.load(path, map_location)
+        if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+            raise ValueError(f"{path} is not a {CHECKPOINT_FORMAT} checkpoint")
+        config = dict(state["config"])
+        custom = config.pop("custom_networks")
+        if custom and encoder is None:
+            raise ValueError(f"{path} was saved with custom networks: pass encoder=, decoder= and "
+                             "discriminator= modules of the same architecture to Model.load")
+        if not custom and encoder is not None:
+            raise ValueError(f"{path} holds the built-in networks; do not pass custom modules")
+        model = cls(**config, encoder=encoder, decoder=decoder, discriminator=discriminator)
+        model.to(state["weights"]["gate_skips"].device)  # where torch.load put the tensors
+        model.load_state_dict(state["weights"])
+        for name, opt in model.optimizers.items():
+            opt.load_state_dict(state["optimizers"][name])
+        model.step = int(state["step"])
+        model.restore_rng(state["rng_device"], state["rng_state"])
+        return model
+
+    def restore_rng(self, device_type: str, rng_state: torch.Tensor) -> None:
+        self._generator = None
+        gen = self._rng()
+        if gen.device.type == device_type:
+            gen.set_state(rng_state.cpu())
+        else:
+            warnings.warn(f"the checkpoint's random stream was on {device_type} and the model is on "
+                          f"{gen.device.type}: eps and z_p are reseeded from (seed, step), so the run "
+                          "continues correctly but not bit-for-bit as it would have on the original device")
