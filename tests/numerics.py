@@ -1,45 +1,12 @@
-"""How close is close enough: the project's tolerance rules, in one place.
-
-fp32 (TF32 off): the result's max abs error against an fp64 reference is at most 2e-5 of the reference's
-max magnitude. fp16 / bf16: the error against the fp64 reference may be at most twice the error that eager
-PyTorch makes in that precision on the same inputs, plus a floor of a few units in the last place.
-fp64: against the fp64 reference with a tight bound (checks the formula, not the rounding).
-"""
+"""The tolerance rules as assertions; the rules themselves live in vaegan_fast.testing (bench uses them too)."""
 from __future__ import annotations
 
 import torch
 
-FP32_RELATIVE = 2e-5
-FP64_RELATIVE = 1e-12
-FLOOR_ULPS = 4
-
-
-def _describe(name, actual, truth, bound):
-    err = (actual.double() - truth).abs()
-    flat = err.flatten()
-    worst = torch.topk(flat, min(3, flat.numel())).indices
-    rows = ", ".join(f"[{i}] got {actual.flatten()[i].item():.6g} want {truth.flatten()[i].item():.6g}"
-                     for i in worst.tolist())
-    return f"{name}: max error {err.max().item():.3g} > bound {bound:.3g}; worst: {rows}"
+from vaegan_fast.testing import FLOOR_ULPS, FP32_RELATIVE, FP64_RELATIVE, mismatch  # noqa: F401
 
 
 def assert_matches(name: str, actual: torch.Tensor, truth: torch.Tensor, eager: torch.Tensor | None = None):
-    """Check ``actual`` (kernel output, any dtype) against ``truth`` (fp64 reference).
-
-    ``eager`` is the eager-PyTorch reference computed in ``actual``'s dtype; it is needed for fp16/bf16.
-    """
-    assert actual.shape == truth.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(truth.shape)}"
-    assert actual.dtype != torch.float64 or truth.dtype == torch.float64
-    truth = truth.double()
-    assert torch.isfinite(actual).all(), f"{name}: non-finite values in the result"
-    scale = truth.abs().max().item() if truth.numel() else 0.0
-    err = (actual.double() - truth).abs().max().item() if truth.numel() else 0.0
-    if actual.dtype == torch.float64:
-        bound = FP64_RELATIVE * max(scale, 1e-300)
-    elif actual.dtype == torch.float32:
-        bound = FP32_RELATIVE * scale
-    else:
-        assert eager is not None, f"{name}: low-precision checks need the eager result in {actual.dtype}"
-        eager_err = (eager.double() - truth).abs().max().item()
-        bound = 2 * eager_err + FLOOR_ULPS * torch.finfo(actual.dtype).eps * scale
-    assert err <= bound, _describe(name, actual, truth, bound)
+    """Assert ``actual`` (kernel output, any dtype) is within the project's tolerance of ``truth`` (fp64)."""
+    problem = mismatch(name, actual, truth, eager)
+    assert problem is None, problem
