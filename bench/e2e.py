@@ -1,0 +1,149 @@
+"""End-to-end benchmark: one VAE-GAN training step of each preset, in samples per second.
+
+Providers, all running the baseline's configuration (vaegan_fast.BASELINE_OPTIONS) from the same weights:
+- "eager": bench/baseline.py, the straightforward step a user would write (the yardstick);
+- "compile": torch.compile of that step (default mode), with torch._dynamo.config.trace_autograd_ops set
+  where the running torch has it, so its three autograd.grad calls land in one graph instead of breaking it
+  (on a GPU also "compile[max-autotune-no-cudagraphs]" and "compile[reduce-overhead]");
+- "vaegan_fast[<backend>]": Model.train_step with backend="auto" and check_inputs=False (the baseline checks
+  nothing either).
+Each provider's losses over its first two steps are checked against the eager baseline's before it is timed.
+"""
+from __future__ import annotations
+
+import copy
+import time
+from collections import Counter
+
+import torch
+
+from baseline import EagerVAEGAN
+from vaegan_fast import BASELINE_OPTIONS, Model, RECOMMENDED_BATCH
+from vaegan_fast.data import load_dataset
+
+LOSS_RTOL = 1e-4  # fp32 losses of the same math, summed in different orders
+
+
+def load_batches(batch: int, count: int, device) -> tuple:
+    """``count`` batches of real Fashion-MNIST images (synthetic ones when it is not installed)."""
+    try:
+        data, source = load_dataset("fashion-mnist"), "fashion-mnist"
+    except FileNotFoundError:
+        data, source = load_dataset("synthetic"), "synthetic (Fashion-MNIST not installed)"
+    gen = torch.Generator().manual_seed(0)
+    rows = torch.randint(0, len(data), (count, batch), generator=gen)
+    return [data.images[r].to(device) for r in rows], source
+
+
+def _compile_step(step, mode):
+    try:
+        import torch._dynamo.config as dynamo_config
+        if hasattr(dynamo_config, "trace_autograd_ops"):
+            dynamo_config.trace_autograd_ops = True
+    except ImportError:
+        pass
+    return torch.compile(step, mode=mode)
+
+
+def providers(model: Model, device, gpu: bool) -> dict:
+    """{name: step function taking a batch and returning (encoder, decoder, discriminator) losses}."""
+    out = {"eager": EagerVAEGAN.like(model).step}
+    modes = ["default"] + (["max-autotune-no-cudagraphs", "reduce-overhead"] if gpu else [])
+    for mode in modes:
+        name = "compile" if mode == "default" else f"compile[{mode}]"
+        out[name] = _compile_step(EagerVAEGAN.like(model).step, None if mode == "default" else mode)
+    ours = copy.deepcopy(model)
+    ours.backend = "auto"
+    resolved = _resolved_backend(ours, device)
+
+    def vaegan_step(x, m=ours):
+        s = m.train_step(x)
+        return s["encoder_loss"], s["decoder_loss"], s["discriminator_loss"]
+
+    out[f"vaegan_fast[{resolved}]"] = vaegan_step
+    return out
+
+
+def _resolved_backend(model: Model, device) -> str:
+    from vaegan_fast.ops import _dispatch
+    return _dispatch.resolve("linear_act", model.backend, torch.device(device))[0]
+
+
+def check(step, reference_losses, batches) -> tuple:
+    """Run the provider's first two steps; (problem or None, seconds the first call took)."""
+    t0 = time.perf_counter()
+    try:
+        first = step(batches[0])
+        float(first[0])
+        first_s = time.perf_counter() - t0
+        second = step(batches[1])
+    except Exception as exc:
+        return f"raised {type(exc).__name__}: {exc}", time.perf_counter() - t0
+    for i, (got, want) in enumerate(zip((*first, *second), reference_losses)):
+        if not torch.isclose(got.double().cpu(), want, rtol=LOSS_RTOL, atol=1e-6):
+            name = ("encoder", "decoder", "discriminator")[i % 3]
+            return f"step {i // 3 + 1} {name} loss {float(got):.6g} != eager {float(want):.6g}", first_s
+    return None, first_s
+
+
+def operator_calls(step, x) -> int:
+    """Operators a step dispatches (top-level aten / custom ops, including those run by the autograd engine)."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        step(x)
+    count = 0
+    for evt in prof.events():
+        if not _is_op(evt.name):
+            continue
+        parent = evt.cpu_parent
+        while parent is not None and not _is_op(parent.name):
+            parent = parent.cpu_parent
+        count += parent is None
+    return count
+
+
+def kernel_launches(step, x) -> int:
+    """CUDA kernels a step launches (GPU only)."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        step(x)
+        torch.cuda.synchronize()
+    return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+
+
+def _is_op(name: str) -> bool:
+    return "::" in name and not name.startswith(("autograd::", "Optimizer.", "profiler::"))
+
+
+def saved_tensor_bytes(step, x) -> int:
+    """Bytes of distinct tensors autograd saves for backward during one step."""
+    seen = {}
+
+    def pack(t):
+        if t.device.type != "meta":
+            key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
+            seen[key] = t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        step(x)
+    return sum(seen.values())
+
+
+def op_histogram(step, x, top: int = 8) -> list:
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        step(x)
+    return Counter(e.name for e in prof.events() if _is_op(e.name)).most_common(top)
+
+
+def presets_for(names, gpu: bool) -> list:
+    """(preset, batch) pairs: each preset at its recommended batch, and "wide" at 4096 too on a GPU."""
+    out = [(n, RECOMMENDED_BATCH[n]) for n in names]
+    if gpu and "wide" in names:
+        out.append(("wide", 4096))
+    return out
+
+
+def make_model(preset: str, device) -> Model:
+    return Model.preset(preset, **BASELINE_OPTIONS, check_inputs=False, backend="reference", seed=0).to(device)

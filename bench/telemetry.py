@@ -1,0 +1,111 @@
+"""What machine ran the benchmark: device, peaks, and NVML telemetry (when an NVIDIA GPU is present)."""
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+from typing import Optional
+
+import torch
+
+# Datasheet peaks (dense, no sparsity) by device-name substring, first match wins.
+# Sources: NVIDIA H100 Tensor Core GPU datasheet (SXM5 / PCIe), NVIDIA H200 datasheet, NVIDIA A100 datasheet.
+PEAKS = [
+    ("H200", {"bandwidth_gbs": 4800, "tflops": {"bfloat16": 989, "float16": 989, "float32": 67,
+                                                  "tf32": 494}, "source": "NVIDIA H200 datasheet (SXM)"}),
+    ("H100 PCIe", {"bandwidth_gbs": 2000, "tflops": {"bfloat16": 756, "float16": 756, "float32": 51,
+                                                      "tf32": 378}, "source": "NVIDIA H100 datasheet (PCIe)"}),
+    ("H100", {"bandwidth_gbs": 3350, "tflops": {"bfloat16": 989, "float16": 989, "float32": 67,
+                                                 "tf32": 494}, "source": "NVIDIA H100 datasheet (SXM5)"}),
+    ("A100", {"bandwidth_gbs": 2039, "tflops": {"bfloat16": 312, "float16": 312, "float32": 19.5,
+                                                 "tf32": 156}, "source": "NVIDIA A100 datasheet (SXM4 80GB)"}),
+]
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    except OSError:
+        pass
+    return f"{model or platform.processor() or 'CPU'} ({os.cpu_count()} cores)"
+
+
+def peaks(name: str) -> Optional[dict]:
+    for key, value in PEAKS:
+        if key in name:
+            return value
+    return None
+
+
+def measured_copy_bandwidth_gbs(device: torch.device) -> Optional[float]:
+    """Device-to-device copy of 1 GiB: read + write bytes over the median time (GPU only)."""
+    if device.type != "cuda":
+        return None
+    src = torch.empty(2**28, dtype=torch.float32, device=device)
+    dst = torch.empty_like(src)
+    times = []
+    for _ in range(12):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        dst.copy_(src)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    times.sort()
+    return 2 * src.numel() * 4 / times[len(times) // 2] / 1e9
+
+
+def nvml_snapshot() -> dict:
+    try:
+        import pynvml
+    except ImportError:
+        return {"available": False, "reason": "nvidia-ml-py is not installed"}
+    try:
+        pynvml.nvmlInit()
+    except pynvml.NVMLError as exc:
+        return {"available": False, "reason": f"no NVIDIA GPU ({exc})"}
+    try:
+        handle = pynvml.nvmlDeviceGetHandleByIndex(torch.cuda.current_device() if torch.cuda.is_available() else 0)
+        mem = pynvml.nvmlDeviceGetMemoryInfo(handle)
+        name = pynvml.nvmlDeviceGetName(handle)
+        return {
+            "available": True,
+            "name": name.decode() if isinstance(name, bytes) else name,
+            "driver": _text(pynvml.nvmlSystemGetDriverVersion()),
+            "memory_used_mb": mem.used / 2**20, "memory_total_mb": mem.total / 2**20,
+            "sm_clock_mhz": pynvml.nvmlDeviceGetClockInfo(handle, pynvml.NVML_CLOCK_SM),
+            "memory_clock_mhz": pynvml.nvmlDeviceGetClockInfo(handle, pynvml.NVML_CLOCK_MEM),
+            "power_w": pynvml.nvmlDeviceGetPowerUsage(handle) / 1e3,
+            "temperature_c": pynvml.nvmlDeviceGetTemperature(handle, pynvml.NVML_TEMPERATURE_GPU),
+        }
+    except pynvml.NVMLError as exc:
+        return {"available": False, "reason": f"NVML query failed ({exc})"}
+    finally:
+        pynvml.nvmlShutdown()
+
+
+def _text(value) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def environment(device: torch.device) -> dict:
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                                cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or None
+        dirty = bool(subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True,
+                                    cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip())
+    except OSError:
+        commit, dirty = None, None
+    name = device_name(device)
+    return {"device": name, "device_type": device.type, "torch": torch.__version__, "triton": triton_version,
+            "python": platform.python_version(), "threads": torch.get_num_threads(), "git_commit": commit,
+            "git_dirty": dirty, "peaks": peaks(name), "copy_bandwidth_gbs": measured_copy_bandwidth_gbs(device)}

@@ -1,0 +1,47 @@
+"""The benchmark tells the truth: a wrong provider is reported as wrong, and a run writes what it promises."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+sys.path.insert(0, str(BENCH))
+
+import kernels  # noqa: E402
+
+
+def test_a_provider_that_disagrees_with_the_reference_is_caught():
+    case = kernels.reparam_case(7, 5)
+
+    def off_by_a_little(args):
+        z, kl = case.call(args, "reference")
+        return z, kl * (1 + 1e-3)
+
+    def wrong_gradient(args):
+        z, kl = case.call(args, "reference")
+        return z, kl.detach() + (args["mu"] * 0).sum(1)  # the KL's gradient is lost
+
+    assert kernels.check_provider(lambda a: case.call(a, "reference"), case, "cpu", torch.float32) is None
+    assert "output1" in kernels.check_provider(off_by_a_little, case, "cpu", torch.float32)
+    assert "grad_mu" in kernels.check_provider(wrong_gradient, case, "cpu", torch.float32)
+
+
+def test_run_writes_json_and_markdown_with_every_field(tmp_path):
+    out = tmp_path / "r.json"
+    done = subprocess.run([sys.executable, str(BENCH / "run.py"), "--ops", "feature_recon_loss", "--presets", "seed",
+                           "--no-compile", "--budget", "0.02", "--json", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    result = json.loads(out.read_text())
+    assert {"device", "torch", "triton", "git_commit"} <= set(result["environment"])
+    assert result["command"] and "telemetry_before" in result and "telemetry_after" in result
+    modes = {r["mode"] for r in result["kernels"]}
+    assert modes == {"forward", "backward", "both"}
+    assert all(r["status"] == "ok" and r["median_ms"] > 0 and r["gbs"] > 0 for r in result["kernels"])
+    providers = {r["provider"] for r in result["e2e"]}
+    assert "eager" in providers and any(p.startswith("vaegan_fast") for p in providers)
+    eager = next(r for r in result["e2e"] if r["provider"] == "eager")
+    assert eager["operator_calls"] > 100 and eager["saved_bytes"] > 0 and eager["samples_per_s"] > 0
+    assert "| preset |" in out.with_suffix(".md").read_text()
