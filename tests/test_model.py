@@ -319,3 +319,35 @@ def test_rmsprop_optimizers_train():
     before = snapshot(model)
     model.train_step(batch())
     assert not torch.equal(before["weights"]["decoder.net.layers.0.weight"], model.decoder.net.layers[0].weight)
+
+
+@pytest.mark.parametrize("mode,trained", [("vae", ("encoder", "decoder")), ("gan", ("decoder", "discriminator"))])
+def test_ablation_modes_train_only_their_networks_with_their_own_losses(mode, trained):
+    model = small_model(mode=mode).double()
+    x = batch(dtype=torch.float64)
+    twin = copy.deepcopy(model)
+    before = snapshot(model)
+    for name in NETWORKS:
+        model.optimizers[name] = RecordingOptimizer(model.optimizers[name])
+    stats = model.train_step(x)
+    for name in NETWORKS:
+        changed = any(not torch.equal(before["weights"][k], v) for k, v in model.state_dict().items()
+                      if k.startswith(name + "."))
+        assert changed == (name in trained), name
+        if name in trained:
+            alone = copy.deepcopy(twin)
+            alone.losses(x)[name].backward()
+            for got, p in zip(model.optimizers[name].applied, alone.parameters_of(name)):
+                torch.testing.assert_close(got, p.grad, rtol=1e-12, atol=1e-14)
+    if mode == "vae":
+        assert "discriminator_loss" not in stats and stats["kl"] > 0
+        assert torch.allclose(stats["encoder_loss"], stats["kl"] + stats["pixel"])
+    else:
+        assert "encoder_loss" not in stats and "kl" not in stats
+
+
+def test_mode_options_are_validated():
+    with pytest.raises(ValueError, match="mode must be one of"):
+        small_model(mode="wgan")
+    with pytest.raises(ValueError, match="pixel_weight > 0"):
+        small_model(mode="vae", pixel_weight=0.0)

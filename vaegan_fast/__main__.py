@@ -1,4 +1,4 @@
-"""Command line: ``python -m vaegan_fast train|sample``."""
+"""Command line: ``python -m vaegan_fast train|sample|evaluate|train-classifier``."""
 from __future__ import annotations
 
 import argparse
@@ -12,7 +12,7 @@ from .model import PRESETS, RECOMMENDED_BATCH
 def _model_options(args) -> dict:
     options = {"gamma": args.gamma, "pixel_weight": args.pixel_weight, "recon_as_fake": args.recon_as_fake,
                "saturating": args.saturating, "gating": args.gating, "feature_layer": args.feature_layer,
-               "lr": args.lr, "backend": args.backend}
+               "lr": args.lr, "backend": args.backend, "mode": args.mode}
     return {k: v for k, v in options.items() if v is not None}
 
 
@@ -29,6 +29,8 @@ def main(argv=None) -> int:
     t.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     t.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--mode", choices=("vaegan", "vae", "gan"), default=None,
+                   help="vaegan (default), or one of the ablations: vae (no discriminator), gan (no encoder)")
     t.add_argument("--backend", default=None, help="auto (default), reference, triton or native")
     t.add_argument("--gamma", type=float, default=None)
     t.add_argument("--pixel-weight", type=float, default=None)
@@ -49,6 +51,20 @@ def main(argv=None) -> int:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--image-shape", default="28x28", help="HxW of one image (default 28x28)")
 
+    e = sub.add_parser("evaluate", help="reconstruction MSE, KL, FID (classifier features), precision/recall")
+    e.add_argument("--checkpoint", required=True)
+    e.add_argument("--data", default="fashion-mnist", choices=("fashion-mnist",),
+                   help="the test split evaluated against (the feature classifier knows Fashion-MNIST only)")
+    e.add_argument("--samples", type=int, default=10000, help="generated images compared with the test split")
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--classifier", default=None, help="feature classifier weights (default: the shipped ones)")
+    e.add_argument("--json", default=None, help="also write the results to this JSON file")
+
+    c = sub.add_parser("train-classifier", help="train the Fashion-MNIST feature classifier used by evaluate")
+    c.add_argument("--out", required=True)
+    c.add_argument("--epochs", type=int, default=4)
+    c.add_argument("--seed", type=int, default=0)
+
     args = parser.parse_args(argv)
     if args.command == "train":
         from .train import NonFiniteLossError, train
@@ -63,6 +79,24 @@ def main(argv=None) -> int:
         except (NonFiniteLossError, FileExistsError, FileNotFoundError, ValueError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 1
+        return 0
+    if args.command == "evaluate":
+        import json
+        from .evaluate import evaluate_checkpoint
+        result = evaluate_checkpoint(args.checkpoint, args.samples, args.seed, args.classifier)
+        labels = {"reconstruction_mse": "reconstruction MSE (test, per pixel)", "kl": "mean KL (test)",
+                  "fid_classifier": "FID (Fashion-MNIST classifier features)", "precision": "precision (k=3)",
+                  "recall": "recall (k=3)", "classifier_test_accuracy": "feature classifier test accuracy"}
+        for key, label in labels.items():
+            value = result[key]
+            print(f"{label:42s} {'n/a (no encoder)' if value is None else format(value, '.4f')}")
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(result, f, indent=1)
+        return 0
+    if args.command == "train-classifier":
+        from .evaluate import train_classifier
+        train_classifier(args.out, epochs=args.epochs, seed=args.seed)
         return 0
     if args.command == "sample":
         from .images import save_grid

@@ -160,11 +160,14 @@ class BatchStream:
         self.steps_per_epoch = len(dataset) // batch_size
         self._epoch, self._perm = -1, None
 
-    def batch(self, step: int) -> torch.Tensor:
+    def rows(self, step: int) -> torch.Tensor:
+        """The dataset rows of step ``step``'s batch."""
         epoch, index = divmod(step, self.steps_per_epoch)
         if epoch != self._epoch:
             gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
             self._perm = torch.randperm(self.images.shape[0], generator=gen).to(self.images.device)
             self._epoch = epoch
-        rows = self._perm[index * self.batch_size:(index + 1) * self.batch_size]
-        return self.images.index_select(0, rows)
+        return self._perm[index * self.batch_size:(index + 1) * self.batch_size]
+
+    def batch(self, step: int) -> torch.Tensor:
+        return self.images.index_select(0, self.rows(step))

@@ -11,6 +11,10 @@ One training step on a batch x (see shared docs/vaegan.md, the specification):
     discriminator: L_D
 Each network's gradient comes from its own loss alone (one torch.autograd.grad per network, all taken
 before any parameter changes), then each optimizer steps.
+
+The same class trains the two ablations a VAE-GAN is judged against (``mode=``):
+    "vae": encoder prior + pixel_weight * pixel, decoder pixel_weight * pixel; no discriminator;
+    "gan": decoder L_G and discriminator L_D on real data and prior samples only; no encoder.
 """
 from __future__ import annotations
 
@@ -28,6 +32,8 @@ from .nn import FusedLinear, MLPDecoder, MLPDiscriminator, MLPEncoder
 from .ops import discriminator_loss, feature_recon_loss, generator_loss, reparam_kl, softplus
 
 NETWORKS = ("encoder", "decoder", "discriminator")
+# The networks each mode trains.
+MODES = {"vaegan": NETWORKS, "vae": ("encoder", "decoder"), "gan": ("decoder", "discriminator")}
 OPTIMIZERS = {"adam": torch.optim.Adam, "rmsprop": torch.optim.RMSprop}
 CHECKPOINT_FORMAT = "vaegan_fast/1"
 
@@ -72,12 +78,17 @@ class Model(nn.Module):
                  recon_as_fake: bool = True, saturating: bool = False, gating: bool = False,
                  equilibrium: float = 0.68, margin: float = 0.35, feature_layer: int = -1,
                  optimizer: str = "adam", lr=2e-4, betas=(0.5, 0.999), backend: str = "auto",
-                 check_inputs: bool = True, seed: int = 0, encoder: Optional[nn.Module] = None,
+                 check_inputs: bool = True, seed: int = 0, mode: str = "vaegan", encoder: Optional[nn.Module] = None,
                  decoder: Optional[nn.Module] = None, discriminator: Optional[nn.Module] = None):
         super().__init__()
         custom = [m is not None for m in (encoder, decoder, discriminator)]
         if any(custom) and not all(custom):
             raise ValueError("pass all three of encoder, decoder and discriminator, or none of them")
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {tuple(MODES)}, got {mode!r}")
+        if mode == "vae" and (gating or pixel_weight <= 0):
+            raise ValueError("mode='vae' trains on the pixel-wise likelihood alone: it needs pixel_weight > 0 "
+                             "and has no discriminator to gate (gating=False)")
         if optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {tuple(OPTIMIZERS)}, got {optimizer!r}")
         for name, value in (("gamma", gamma), ("pixel_weight", pixel_weight), ("margin", margin)):
@@ -92,7 +103,7 @@ class Model(nn.Module):
             gating=bool(gating), equilibrium=float(equilibrium), margin=float(margin),
             feature_layer=int(feature_layer), optimizer=optimizer, lr={k: float(v) for k, v in lrs.items()},
             betas={k: tuple(float(b) for b in v) for k, v in betas_per_net.items()}, backend=backend,
-            check_inputs=bool(check_inputs), seed=int(seed), custom_networks=all(custom))
+            check_inputs=bool(check_inputs), seed=int(seed), mode=mode, custom_networks=all(custom))
 
         if all(custom):
             self.encoder, self.decoder, self.discriminator = encoder, decoder, discriminator
@@ -207,7 +218,16 @@ class Model(nn.Module):
         z = torch.randn(n, self.config["latent_dim"], generator=generator, device=self.device, dtype=self.dtype)
         return self.decode(z)
 
+    def _pixel_loss(self, rec_logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Pixel-wise BCE of the reconstruction, from logits, summed over pixels, averaged over the batch."""
+        return F.binary_cross_entropy_with_logits(rec_logits, x, reduction="sum") / x.shape[0]
+
     def _losses(self, x: torch.Tensor) -> dict:
+        mode = self.config["mode"]
+        if mode == "vae":
+            return self._vae_losses(x)
+        if mode == "gan":
+            return self._gan_losses(x)
         cfg, backend = self.config, self.config["backend"]
         batch = x.shape[0]
         gen = self._rng()
@@ -230,7 +250,7 @@ class Model(nn.Module):
         dec = cfg["gamma"] * llike + gen_loss
         pixel = None
         if cfg["pixel_weight"] > 0:
-            pixel = F.binary_cross_entropy_with_logits(rec_logits, x, reduction="sum") / batch
+            pixel = self._pixel_loss(rec_logits, x)
             enc = enc + cfg["pixel_weight"] * pixel
             dec = dec + cfg["pixel_weight"] * pixel
         # The equilibrium gate's statistics (detached: they steer, they are not trained on).
@@ -241,6 +261,24 @@ class Model(nn.Module):
         if pixel is not None:
             losses["pixel"] = pixel
         return losses
+
+    def _vae_losses(self, x: torch.Tensor) -> dict:
+        mu, logvar = self.encoder(x)
+        z, kl = reparam_kl(mu, logvar, generator=self._rng(), backend=self.config["backend"])
+        prior, pixel = kl.mean(), self._pixel_loss(self.decoder(z), x)
+        weighted = self.config["pixel_weight"] * pixel
+        return {"encoder": prior + weighted, "decoder": weighted, "kl": prior, "pixel": pixel}
+
+    def _gan_losses(self, x: torch.Tensor) -> dict:
+        backend, batch = self.config["backend"], x.shape[0]
+        z_prior = torch.randn(batch, self.config["latent_dim"], generator=self._rng(), device=x.device,
+                              dtype=x.dtype)
+        scores, _ = self.discriminator(torch.cat([x, torch.sigmoid(self.decoder(z_prior))]))
+        s_real, s_prior = scores.reshape(2 * batch).split(batch)
+        gen_loss = generator_loss(s_prior, saturating=self.config["saturating"], backend=backend)
+        return {"decoder": gen_loss, "discriminator": discriminator_loss(s_real, s_prior, backend=backend),
+                "generator": gen_loss, "d_real": softplus(-s_real.detach()).mean(),
+                "d_fake": softplus(s_prior.detach()).mean()}
 
     def losses(self, x: torch.Tensor) -> dict:
         """The three networks' losses on batch x ("encoder", "decoder", "discriminator") and their parts.
@@ -287,13 +325,16 @@ class Model(nn.Module):
         """One VAE-GAN update of all three networks; returns detached 0-dim tensors on the model's device."""
         x = self._check_batch(x)
         losses = self._losses(x)
-        train_disc, train_dec = self.gate_decisions(losses["d_real"], losses["d_fake"])
+        trained = MODES[self.config["mode"]]
+        if "d_real" in losses:
+            train_disc, train_dec = self.gate_decisions(losses["d_real"], losses["d_fake"])
+        else:
+            train_disc = train_dec = torch.ones((), dtype=torch.bool, device=x.device)
         if self.config["gating"]:
             # The gate needs the decision on the host to skip work (the device-side form is a later issue).
-            active = {"encoder": True, "decoder": bool(train_dec), "discriminator": bool(train_disc)}
-        else:
-            active = dict.fromkeys(NETWORKS, True)
-        grads = self.routed_gradients(losses, [n for n in NETWORKS if active[n]])
+            gated = {"discriminator": bool(train_disc), "decoder": bool(train_dec)}
+            trained = [n for n in trained if gated.get(n, True)]
+        grads = self.routed_gradients(losses, trained)
         # All gradients are taken before any parameter changes in place.
         for name, net_grads in grads.items():
             for p, g in zip(self.parameters_of(name), net_grads):
@@ -302,12 +343,13 @@ class Model(nn.Module):
             self.optimizers[name].zero_grad(set_to_none=True)
         self.gate_skips += torch.stack([~train_disc, ~train_dec]).long()
         self.step += 1
-        stats = {"encoder_loss": losses["encoder"], "decoder_loss": losses["decoder"],
-                 "discriminator_loss": losses["discriminator"], "kl": losses["kl"], "llike": losses["llike"],
-                 "generator_loss": losses["generator"], "d_real": losses["d_real"], "d_fake": losses["d_fake"],
-                 "train_discriminator": train_disc, "train_decoder": train_dec}
-        if "pixel" in losses:
-            stats["pixel"] = losses["pixel"]
+        stats = {"train_discriminator": train_disc, "train_decoder": train_dec}
+        for name in ("encoder", "decoder", "discriminator", "generator"):
+            if name in losses:
+                stats[f"{name}_loss"] = losses[name]
+        for name in ("kl", "llike", "pixel", "d_real", "d_fake"):
+            if name in losses:
+                stats[name] = losses[name]
         return {k: v.detach() for k, v in stats.items()}
 
     # ----------------------------------------------------------------------------------------- checkpoints

@@ -36,6 +36,8 @@ def _all_finite(model: Model) -> bool:
 def write_grids(model: Model, data, out: Path, tag: str, n: int = 64) -> None:
     gen = torch.Generator(model.device).manual_seed(1234)  # the same z each time: grids show progress
     save_grid(model.sample(n, generator=gen), data.image_shape, out / f"samples_{tag}.png", columns=8)
+    if model.config["mode"] == "gan":
+        return  # a GAN has no trained encoder: nothing to reconstruct with
     real = data.images[:32].to(model.device)
     rec = model.reconstruct(real)
     pairs = torch.stack([real, rec], dim=1).reshape(64, -1)  # real, reconstruction, real, ...
@@ -95,7 +97,8 @@ def train(model_kwargs: dict, *, data: str, steps: int, batch_size: int, out: st
                     log.write(json.dumps(values) + "\n")
                     log.flush()
                     if bar is not None:
-                        bar.set_postfix(enc=f"{values['encoder_loss']:.1f}", dis=f"{values['discriminator_loss']:.3f}")
+                        bar.set_postfix({k.split("_")[0][:3]: f"{v:.3g}" for k, v in values.items()
+                                         if k.endswith("_loss")})
                 if bar is not None:
                     bar.update(1)
                 if step % checkpoint_every == 0:

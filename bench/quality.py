@@ -1,0 +1,121 @@
+"""Does the fusion pay off? Train a VAE, a GAN and a VAE-GAN the same way and compare them.
+
+    python bench/quality.py --steps 3000 --seeds 0,1,2
+
+All three are vaegan_fast.Model with the "seed" preset's networks, trained on the Fashion-MNIST train split
+with the same batch size, step budget, optimizer (Adam, lr 2e-4, betas (0.5, 0.999)) and seeds; only `mode`
+and the loss options differ:
+- vae:    mode="vae": KL + pixel-wise BCE likelihood (pixel_weight 1); no discriminator;
+- gan:    mode="gan": non-saturating GAN on prior samples; no encoder;
+- vaegan: the library's defaults: feature-space reconstruction (gamma 1) + pixel term (pixel_weight 1),
+          reconstructions count as fakes, no gating.
+Each model is evaluated on the test split (vaegan_fast.evaluate): reconstruction MSE, mean KL, FID in the
+features of the project's Fashion-MNIST classifier, precision and recall. Writes a markdown table, JSON and
+one PNG with the three models' samples side by side under bench/results/.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from vaegan_fast.data import load_fashion_mnist
+from vaegan_fast.evaluate import features, frechet_distance, load_classifier
+from vaegan_fast.evaluate import evaluate_model
+from vaegan_fast.train import train
+
+MODES = {"vae": {"mode": "vae"}, "gan": {"mode": "gan"}, "vaegan": {}}
+METRICS = [("reconstruction_mse", "recon MSE", ".4f"), ("kl", "KL", ".1f"),
+           ("fid_classifier", "FID (F-MNIST clf)", ".2f"), ("precision", "precision", ".3f"),
+           ("recall", "recall", ".3f"), ("train_seconds", "train s", ".0f")]
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def _cell(values, spec):
+    values = [v for v in values if v is not None]
+    if not values:
+        return "n/a"
+    if len(values) == 1:
+        return format(values[0], spec)
+    return f"{format(statistics.mean(values), spec)} ± {format(statistics.stdev(values), spec)}"
+
+
+def side_by_side(grids: dict, path: Path) -> None:
+    """One PNG: a labelled 8x8 grid of samples per model, left to right."""
+    from PIL import Image, ImageDraw
+    images = {name: Image.open(p) for name, p in grids.items()}
+    width = sum(im.width for im in images.values()) + 20 * (len(images) - 1)
+    height = max(im.height for im in images.values()) + 24
+    canvas = Image.new("L", (width, height), 255)
+    draw = ImageDraw.Draw(canvas)
+    x = 0
+    for name, im in images.items():
+        draw.text((x + im.width // 2 - 4 * len(name), 5), name, fill=0)
+        canvas.paste(im, (x, 24))
+        x += im.width + 20
+    canvas.save(path)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--steps", type=int, default=3000)
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--samples", type=int, default=10000)
+    p.add_argument("--out", default=None, help="folder for the runs (default bench/results/quality-runs)")
+    args = p.parse_args(argv)
+    seeds = [int(s) for s in args.seeds.split(",")]
+    runs = Path(args.out) if args.out else RESULTS / "quality-runs"
+    test = load_fashion_mnist("test")
+
+    results = []
+    for mode, options in MODES.items():
+        for seed in seeds:
+            out = runs / f"{mode}-seed{seed}"
+            if (out / "checkpoint.pt").exists():
+                (out / "checkpoint.pt").unlink()
+            start = time.perf_counter()
+            model = train(options, data="fashion-mnist", steps=args.steps, batch_size=args.batch_size,
+                          out=str(out), preset="seed", seed=seed, checkpoint_every=args.steps,
+                          grid_every=args.steps, progress=False)
+            seconds = time.perf_counter() - start
+            result = evaluate_model(model, samples=args.samples, seed=seed, test=test)
+            result.update(seed=seed, train_seconds=seconds, steps=args.steps, options=options)
+            results.append(result)
+            print(json.dumps({k: v for k, v in result.items() if k != "options"}), flush=True)
+
+    # The floor: real training images against the test split, in the same features.
+    classifier, accuracy = load_classifier()
+    train_images = load_fashion_mnist("train").images[:args.samples]
+    floor = frechet_distance(features(classifier, test.images), features(classifier, train_images))
+
+    lines = [f"| model | {' | '.join(label for _, label, _ in METRICS)} |", "|---" * (len(METRICS) + 1) + "|"]
+    for mode in MODES:
+        rows = [r for r in results if r["mode"] == mode]
+        lines.append(f"| {mode} | " + " | ".join(_cell([r[k] for r in rows], spec) for k, _, spec in METRICS) + " |")
+    lines.append(f"| real train images | - | - | {floor:.2f} | - | - | - |")
+    table = "\n".join(lines)
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    stem = RESULTS / f"quality-{stamp}"
+    side_by_side({mode: runs / f"{mode}-seed{seeds[0]}" / "samples_final.png" for mode in MODES},
+                 stem.with_suffix(".png"))
+    header = (f"{args.steps} steps, batch {args.batch_size}, seeds {seeds} (mean ± std), {args.samples} samples; "
+              f"feature classifier test accuracy {accuracy:.4f}; torch {torch.__version__}; "
+              f"command: `{' '.join([sys.executable.split('/')[-1], *sys.argv])}`")
+    stem.with_suffix(".md").write_text(header + "\n\n" + table + "\n")
+    stem.with_suffix(".json").write_text(json.dumps({"results": results, "real_floor_fid": floor,
+                                                     "header": header}, indent=1))
+    print(header)
+    print(table)
+    print(f"wrote {stem}.md, .json, .png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
