@@ -63,6 +63,7 @@ def main(argv=None) -> int:
     parser.add_argument("--arch", type=int, action="append", help="compute capability x10 (default: 80 and 90)")
     parser.add_argument("--default-only", action="store_true", help="only each kernel's default configuration")
     parser.add_argument("--filter", default="", help="only configurations whose name contains this")
+    parser.add_argument("--no-fail-on-spills", action="store_true", help="exit 0 even when a config spills")
     args = parser.parse_args(argv)
     archs = args.arch or [80, 90]
     cuobjdump = find_cuobjdump()
@@ -89,7 +90,7 @@ def main(argv=None) -> int:
             print(f"{spec.name:<62} sm_{arch:<3} {spec.num_warps:>5} {use.get('reg', '?'):>5} {spilled:>18} "
                   f"{shared:>9} {dt:>5.1f}" + ("  SPILLS" if spilled else ""), flush=True)
     print(f"{len(specs) * len(archs)} compiles: {failures} failed, {spills} with spills")
-    return 1 if failures or spills else 0
+    return 1 if failures or (spills and not args.no_fail_on_spills) else 0
 
 
 if __name__ == "__main__":

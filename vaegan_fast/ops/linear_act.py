@@ -55,9 +55,14 @@ def check_activation(activation: str, negative_slope: float) -> None:
 
 
 def linear_act(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-               activation: str = "relu", *, negative_slope: float = 0.2,
+               activation: str = "relu", *, negative_slope: float = 0.2, allow_tf32: bool = False,
                backend: str = "auto") -> torch.Tensor:
-    """``act(x @ weight.T + bias)`` with x [..., in] (leading dims flattened), weight [out, in]."""
+    """``act(x @ weight.T + bias)`` with x [..., in] (leading dims flattened), weight [out, in].
+
+    allow_tf32: let a backend that takes the flag (its implementation has ``accepts_allow_tf32 = True``,
+    e.g. "triton") multiply fp32 inputs with TF32 tensor cores; off by default, so fp32 results match eager
+    fp32 with TF32 off. Other backends follow torch's global TF32 setting.
+    """
     _validate.floating_tensor("x", x)
     _validate.floating_tensor("weight", weight)
     if bias is not None:
@@ -76,6 +81,9 @@ def linear_act(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
         raise ValueError(f"x and weight must not be empty, got shapes {tuple(x.shape)} and {tuple(weight.shape)}")
     device = _validate.same_device(x=x, weight=weight, bias=bias)
     _validate.same_dtype(x=x, weight=weight, bias=bias)
+    if not isinstance(allow_tf32, bool):
+        raise TypeError(f"allow_tf32 must be a bool, got {type(allow_tf32).__name__}")
     _, impl = _dispatch.resolve(OP, backend, device)
-    y = impl(x.reshape(-1, x.shape[-1]), weight, bias, activation, float(negative_slope))
+    extra = {"allow_tf32": True} if allow_tf32 and getattr(impl, "accepts_allow_tf32", False) else {}
+    y = impl(x.reshape(-1, x.shape[-1]), weight, bias, activation, float(negative_slope), **extra)
     return y.reshape(*x.shape[:-1], weight.shape[0])

@@ -26,12 +26,16 @@ def reparam_kl_reference(mu: torch.Tensor, logvar: torch.Tensor, eps: torch.Tens
 
 
 def reparam_kl(mu: torch.Tensor, logvar: torch.Tensor, eps: Optional[torch.Tensor] = None, *,
-               generator: Optional[torch.Generator] = None, backend: str = "auto"):
+               generator: Optional[torch.Generator] = None, seed: Optional[int] = None, backend: str = "auto"):
     """Sample ``z = mu + exp(logvar/2) * eps`` and the per-row KL to N(0, I).
 
     mu, logvar: [B, D] floating tensors of one dtype and device. eps: [B, D] or None, in which case it is
     drawn from ``generator`` (torch's RNG) here, before the backend runs, so every backend sees the same
     noise. Returns ``(z [B, D], kl [B])``.
+
+    seed (opt-in, exclusive with eps and generator): a backend that can draw eps inside its kernel (its
+    implementation has ``draws_eps_from_seed = True``, e.g. "triton") does so from this seed, never writing
+    eps to memory; same seed, same z. Other backends draw eps from a torch.Generator seeded with it.
     """
     _validate.floating_tensor("mu", mu)
     _validate.floating_tensor("logvar", logvar)
@@ -42,9 +46,18 @@ def reparam_kl(mu: torch.Tensor, logvar: torch.Tensor, eps: Optional[torch.Tenso
         _validate.floating_tensor("eps", eps)
         if eps.shape != mu.shape:
             raise ValueError(f"eps must have the shape of mu {tuple(mu.shape)}, got {tuple(eps.shape)}")
+    if seed is not None:
+        if eps is not None or generator is not None:
+            raise ValueError("seed draws eps itself: pass either seed or eps/generator, not both")
+        if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**31:
+            raise ValueError(f"seed must be an int in [0, 2**31), got {seed!r}")
     device = _validate.same_device(mu=mu, logvar=logvar, eps=eps)
     _validate.same_dtype(mu=mu, logvar=logvar, eps=eps)
     _, impl = _dispatch.resolve(OP, backend, device)
+    if seed is not None:
+        if getattr(impl, "draws_eps_from_seed", False):
+            return impl(mu, logvar, None, seed=seed)
+        generator = torch.Generator(device=device).manual_seed(seed)
     if eps is None:
         eps = torch.randn(mu.shape, generator=generator, device=device, dtype=mu.dtype)
     return impl(mu, logvar, eps)

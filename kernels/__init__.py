@@ -1,0 +1,87 @@
+"""Triton kernels of vaegan_fast and their launchers (installed as ``vaegan_fast.kernels``).
+
+Device code only: tensors in, tensors out. No autograd and no nn.Module here; the autograd / custom-op
+registration lives in ``vaegan_fast/ops/_triton.py``. One file per fused op, each opening with its math, the
+bytes it moves and the eager launches it replaces:
+
+    reparam_kl.py   z = mu + exp(logvar/2) * eps and the per-row KL, forward and backward
+    gan_losses.py   softplus GAN losses and the feature reconstruction loss, gradient computed in forward
+    linear_act.py   act(x @ W^T + b) with the activation in the GEMM epilogue; gradient GEMMs that apply
+                    the activation's derivative as they load
+
+Launch configuration: every launcher picks its block sizes from a small fixed table (``configs()`` in each
+module lists all of them, so ``bench/compile_report.py`` can compile every one for sm_80 and sm_90).
+Under ``TRITON_INTERPRET=1`` (CPU tensors, no GPU) launchers use much larger blocks: the interpreter's
+cost grows with the number of program instances, not with the block size.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import torch
+import triton
+import triton.language as tl
+
+
+def interpreting() -> bool:
+    """True when kernels run through Triton's CPU interpreter (read at call time)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def next_pow2(n: int) -> int:
+    return 1 if n <= 1 else triton.next_power_of_2(int(n))
+
+
+# torch dtype -> (Triton pointer type name used in compile signatures, accumulator / compute dtype)
+_TL_NAME = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64"}
+SUPPORTED_DTYPES = tuple(_TL_NAME)
+
+
+def tl_name(dtype: torch.dtype) -> str:
+    return _TL_NAME[dtype]
+
+
+def compute_dtype(dtype: torch.dtype):
+    """Arithmetic is fp32 for fp32/fp16/bf16 and fp64 for fp64."""
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def check_tensors(*tensors: torch.Tensor) -> None:
+    """Device/dtype guard of every launcher (the ops layer validates first; this catches direct calls)."""
+    for t in tensors:
+        if t is None:
+            continue
+        if t.dtype not in _TL_NAME:
+            raise TypeError(f"Triton kernels support {[str(d) for d in _TL_NAME]}, got {t.dtype}")
+        if t.device.type != "cuda" and not interpreting():
+            raise ValueError(f"Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors), "
+                             f"got a tensor on {t.device}")
+
+
+@dataclass
+class CompileSpec:
+    """One configuration a launcher can choose, in the form ``triton.compile(ASTSource(...))`` takes."""
+
+    name: str  # human-readable label for reports
+    kernel: object  # the @triton.jit function
+    signature: dict  # argument name -> Triton type ("*fp32", "i32", "fp32", "constexpr")
+    constexprs: dict  # constexpr argument name -> value
+    num_warps: int = 4
+    num_stages: int = 3
+    default: bool = False  # True for the configuration CI compiles for sm_90
+    meta: dict = field(default_factory=dict)
+
+
+from . import gan_losses, linear_act, reparam_kl  # noqa: E402
+
+
+def all_compile_specs(default_only: bool = False) -> list[CompileSpec]:
+    specs = []
+    for module in (reparam_kl, gan_losses, linear_act):
+        specs.extend(s for s in module.configs() if s.default or not default_only)
+    return specs
+
+
+__all__ = ["CompileSpec", "all_compile_specs", "check_tensors", "gan_losses", "interpreting", "linear_act",
+           "reparam_kl"]

@@ -1,0 +1,397 @@
+"""Dense layer with the activation fused into the GEMMs, forward and backward.
+
+Math (x [M, K], W [N, K] in nn.Linear's layout, b [N]; a is the pre-activation):
+
+    a = x @ W^T + b        y = act(a)                              (forward, one GEMM, fp32 accumulator)
+    da = dy * act'(.)      dx = da @ W      dW = da^T @ x      db = sum_m da        (backward, two GEMMs)
+
+act'(.) is computed from what forward saved: the output y for relu and leaky_relu (sign of y = sign of a
+when the slope is positive), tanh (1 - y^2) and sigmoid (y (1 - y)); the pre-activation a for gelu and for
+leaky_relu with a slope <= 0; nothing for identity. Both gradient GEMMs form da tile by tile as they load
+dy (never written to memory), and the dW kernel's programs of the first K-tile also reduce db over all rows
+in a fixed order: deterministic, no atomics.
+
+Activations (ACT codes): 0 identity, 1 relu, 2 leaky_relu, 3 tanh (2 sigmoid(2a) - 1: no libdevice),
+4 sigmoid, 5 gelu (tanh approximation).
+
+Precision: fp32 inputs multiply in IEEE fp32 (input_precision="ieee": the results match eager fp32 with TF32
+off); allow_tf32=True selects "tf32". fp16/bf16 inputs feed the tensor cores with an fp32 accumulator; da is
+rounded to the input dtype before its GEMMs, as eager's separate activation-backward kernel does. fp64 uses
+an fp64 accumulator (for gradcheck).
+
+Bytes moved (s bytes per element): forward reads x and W once per output tile column/row block (M K s and
+N K s per tile pass) and writes y (M N s), plus a (M N s) for gelu; backward reads dy and the saved tensor
+twice (once per gradient GEMM: 4 M N s) instead of writing and re-reading da (eager: 3 M N s plus a
+launch). Eager PyTorch launches a GEMM (bias in its epilogue) plus 1-6 elementwise kernels forward (gelu
+tanh approximation: about 6), and the activation backward, two GEMMs and a bias reduction backward; this is
+one launch forward and two backward. Where the fused version can be slower: the fp32 IEEE path uses FMA,
+not TF32 tensor cores (as eager with TF32 off), and the dW kernel has only N/BN x K/BK programs, which
+underfills a large GPU when N and K are small and M is large (no split-K yet).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from . import CompileSpec, check_tensors, compute_dtype, interpreting, next_pow2, tl_name
+
+ACT_CODES = {"identity": 0, "relu": 1, "leaky_relu": 2, "tanh": 3, "sigmoid": 4, "gelu": 5}
+_SQRT_2_OVER_PI = 0.7978845608028654
+_GELU_KAPPA = 0.044715
+
+
+@triton.jit
+def _apply_act(a, ACT: tl.constexpr, slope):
+    """act(a) for the ACT codes above; a is in the compute dtype."""
+    if ACT == 1:
+        a = tl.maximum(a, 0.0)
+    elif ACT == 2:
+        a = tl.where(a >= 0.0, a, a * slope)
+    elif ACT == 3:
+        a = 2.0 * tl.sigmoid(2.0 * a) - 1.0
+    elif ACT == 4:
+        a = tl.sigmoid(a)
+    elif ACT == 5:
+        inner = 0.7978845608028654 * (a + 0.044715 * a * a * a)
+        a = 0.5 * a * (1.0 + (2.0 * tl.sigmoid(2.0 * inner) - 1.0))
+    return a
+
+
+@triton.jit
+def _act_grad(s, ACT: tl.constexpr, slope):
+    """act'(.) from the saved tensor s (y, or the pre-activation for gelu / leaky_relu with slope <= 0)."""
+    if ACT == 1:
+        g = tl.where(s > 0.0, 1.0, 0.0)
+    elif ACT == 2:
+        zero = s * 0.0  # keeps fp64 inputs in fp64
+        g = tl.where(s > 0.0, zero + 1.0, zero + slope)
+    elif ACT == 3:
+        g = 1.0 - s * s
+    elif ACT == 4:
+        g = s * (1.0 - s)
+    else:  # ACT == 5, gelu from the pre-activation
+        inner = 0.7978845608028654 * (s + 0.044715 * s * s * s)
+        t = 2.0 * tl.sigmoid(2.0 * inner) - 1.0
+        g = 0.5 * (1.0 + t) + 0.5 * s * (1.0 - t * t) * 0.7978845608028654 * (1.0 + 3.0 * 0.044715 * s * s)
+    return g
+
+
+@triton.jit
+def linear_act_fwd_kernel(
+    x_ptr,  # [M, K] input, any strides
+    w_ptr,  # [N, K] weight (nn.Linear layout), any strides
+    b_ptr,  # [N] bias, any stride (not read when HAS_BIAS is False)
+    y_ptr,  # [M, N] output act(a), contiguous
+    a_ptr,  # [M, N] output pre-activation a, contiguous (written only when SAVE_PREACT)
+    M,  # rows of x
+    N,  # output features
+    K,  # input features
+    s_xm,  # row stride of x
+    s_xk,  # column stride of x
+    s_wn,  # row stride of W
+    s_wk,  # column stride of W
+    s_b,  # stride of bias
+    slope,  # leaky_relu negative slope
+    HAS_BIAS: tl.constexpr,  # add the bias in the epilogue
+    ACT: tl.constexpr,  # activation code (see the module docstring)
+    SAVE_PREACT: tl.constexpr,  # also store a (for gelu / leaky_relu with slope <= 0)
+    COMPUTE: tl.constexpr,  # accumulator and epilogue dtype: tl.float32, or tl.float64 for fp64
+    DOT: tl.constexpr,  # dtype the GEMM operands are cast to (input dtype on GPU, COMPUTE in the interpreter)
+    PRECISION: tl.constexpr,  # tl.dot input_precision for fp32 operands: "ieee" or "tf32"
+    BLOCK_M: tl.constexpr,  # rows of the output tile
+    BLOCK_N: tl.constexpr,  # columns of the output tile
+    BLOCK_K: tl.constexpr,  # reduction step
+    GROUP_M: tl.constexpr,  # row-tiles per group in the program order (L2 reuse of W tiles)
+):
+    pid = tl.program_id(0)
+    grid_m = tl.cdiv(M, BLOCK_M)
+    grid_n = tl.cdiv(N, BLOCK_N)
+    group = pid // (GROUP_M * grid_n)
+    first_m = group * GROUP_M
+    size_m = tl.minimum(grid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % (GROUP_M * grid_n)) % size_m
+    pid_n = (pid % (GROUP_M * grid_n)) // size_m
+
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    m_ok = rm < M
+    n_ok = rn < N
+    # Tile pointers built once (64-bit row offsets), then advanced by BLOCK_K columns per step.
+    x_ptrs = x_ptr + rm.to(tl.int64)[:, None] * s_xm + rk[None, :] * s_xk
+    w_ptrs = w_ptr + rn.to(tl.int64)[None, :] * s_wn + rk[:, None] * s_wk
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=COMPUTE)
+    for k0 in range(0, K, BLOCK_K):
+        k_ok = rk < K - k0
+        xt = tl.load(x_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        wt = tl.load(w_ptrs, mask=n_ok[None, :] & k_ok[:, None], other=0.0)
+        acc = tl.dot(xt.to(DOT), wt.to(DOT), acc, input_precision=PRECISION, out_dtype=COMPUTE)
+        x_ptrs += BLOCK_K * s_xk
+        w_ptrs += BLOCK_K * s_wk
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + rn * s_b, mask=n_ok, other=0.0).to(COMPUTE)[None, :]
+    out = rm.to(tl.int64)[:, None] * N + rn[None, :]
+    mask = m_ok[:, None] & n_ok[None, :]
+    if SAVE_PREACT:
+        tl.store(a_ptr + out, acc.to(a_ptr.dtype.element_ty), mask=mask)
+    y = _apply_act(acc, ACT, slope)
+    tl.store(y_ptr + out, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def linear_act_bwd_dx_kernel(
+    dy_ptr,  # [M, N] incoming gradient of y, any strides
+    s_ptr,  # [M, N] saved tensor (y, or a when the derivative needs it), contiguous
+    w_ptr,  # [N, K] weight, any strides
+    dx_ptr,  # [M, K] output gradient of x, contiguous
+    M,  # rows
+    N,  # output features (the reduction dimension here)
+    K,  # input features
+    s_dym,  # row stride of dy
+    s_dyn,  # column stride of dy
+    s_wn,  # row stride of W
+    s_wk,  # column stride of W
+    slope,  # leaky_relu negative slope
+    ACT: tl.constexpr,  # activation code
+    COMPUTE: tl.constexpr,  # accumulator dtype
+    ELEM: tl.constexpr,  # the tensors' dtype: da is rounded to it before the GEMM, as eager does
+    DOT: tl.constexpr,  # GEMM operand dtype
+    PRECISION: tl.constexpr,  # tl.dot input_precision for fp32 operands
+    BLOCK_M: tl.constexpr,  # rows of the dx tile
+    BLOCK_N: tl.constexpr,  # reduction step over N
+    BLOCK_K: tl.constexpr,  # columns of the dx tile
+    GROUP_M: tl.constexpr,  # row-tiles per group in the program order
+):
+    pid = tl.program_id(0)
+    grid_m = tl.cdiv(M, BLOCK_M)
+    grid_k = tl.cdiv(K, BLOCK_K)
+    group = pid // (GROUP_M * grid_k)
+    first_m = group * GROUP_M
+    size_m = tl.minimum(grid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % (GROUP_M * grid_k)) % size_m
+    pid_k = (pid % (GROUP_M * grid_k)) // size_m
+
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rk = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    rn = tl.arange(0, BLOCK_N)
+    m_ok = rm < M
+    k_ok = rk < K
+    rm64 = rm.to(tl.int64)
+    dy_ptrs = dy_ptr + rm64[:, None] * s_dym + rn[None, :] * s_dyn
+    s_ptrs = s_ptr + rm64[:, None] * N + rn[None, :]
+    w_ptrs = w_ptr + rn[:, None] * s_wn + rk.to(tl.int64)[None, :] * s_wk
+    acc = tl.zeros([BLOCK_M, BLOCK_K], dtype=COMPUTE)
+    for n0 in range(0, N, BLOCK_N):
+        n_ok = rn < N - n0
+        mn_mask = m_ok[:, None] & n_ok[None, :]
+        da = tl.load(dy_ptrs, mask=mn_mask, other=0.0).to(COMPUTE)
+        if ACT != 0:
+            s = tl.load(s_ptrs, mask=mn_mask, other=0.0).to(COMPUTE)
+            da = da * _act_grad(s, ACT, slope)
+        wt = tl.load(w_ptrs, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+        acc = tl.dot(da.to(ELEM).to(DOT), wt.to(DOT), acc, input_precision=PRECISION, out_dtype=COMPUTE)
+        dy_ptrs += BLOCK_N * s_dyn
+        s_ptrs += BLOCK_N
+        w_ptrs += BLOCK_N * s_wn
+    tl.store(dx_ptr + rm64[:, None] * K + rk[None, :], acc.to(dx_ptr.dtype.element_ty),
+             mask=m_ok[:, None] & k_ok[None, :])
+
+
+@triton.jit
+def linear_act_bwd_dw_kernel(
+    dy_ptr,  # [M, N] incoming gradient of y, any strides
+    s_ptr,  # [M, N] saved tensor (y or a), contiguous
+    x_ptr,  # [M, K] input, any strides
+    dw_ptr,  # [N, K] output gradient of W, contiguous
+    db_ptr,  # [N] output gradient of the bias (written by the programs of the first K-tile when HAS_BIAS)
+    M,  # rows (the reduction dimension here)
+    N,  # output features
+    K,  # input features
+    s_dym,  # row stride of dy
+    s_dyn,  # column stride of dy
+    s_xm,  # row stride of x
+    s_xk,  # column stride of x
+    slope,  # leaky_relu negative slope
+    HAS_BIAS: tl.constexpr,  # also reduce db
+    ACT: tl.constexpr,  # activation code
+    COMPUTE: tl.constexpr,  # accumulator dtype
+    ELEM: tl.constexpr,  # the tensors' dtype (da is rounded to it before the GEMM)
+    DOT: tl.constexpr,  # GEMM operand dtype
+    PRECISION: tl.constexpr,  # tl.dot input_precision for fp32 operands
+    BLOCK_N: tl.constexpr,  # rows of the dW tile
+    BLOCK_M: tl.constexpr,  # reduction step over M
+    BLOCK_K: tl.constexpr,  # columns of the dW tile
+    GROUP_N: tl.constexpr,  # row-tiles per group in the program order
+):
+    pid = tl.program_id(0)
+    grid_n = tl.cdiv(N, BLOCK_N)
+    grid_k = tl.cdiv(K, BLOCK_K)
+    group = pid // (GROUP_N * grid_k)
+    first_n = group * GROUP_N
+    size_n = tl.minimum(grid_n - first_n, GROUP_N)
+    pid_n = first_n + (pid % (GROUP_N * grid_k)) % size_n
+    pid_k = (pid % (GROUP_N * grid_k)) // size_n
+
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    rm = tl.arange(0, BLOCK_M)
+    n_ok = rn < N
+    k_ok = rk < K
+    rn64 = rn.to(tl.int64)
+    # da^T tiles [BLOCK_N, BLOCK_M], loaded transposed straight from dy's strides.
+    dy_ptrs = dy_ptr + rm[None, :] * s_dym + rn64[:, None] * s_dyn
+    s_ptrs = s_ptr + rm[None, :] * N + rn64[:, None]
+    x_ptrs = x_ptr + rm[:, None] * s_xm + rk.to(tl.int64)[None, :] * s_xk
+    acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=COMPUTE)
+    db = tl.zeros([BLOCK_N], dtype=COMPUTE)
+    for m0 in range(0, M, BLOCK_M):
+        m_ok = rm < M - m0
+        nm_mask = n_ok[:, None] & m_ok[None, :]
+        da = tl.load(dy_ptrs, mask=nm_mask, other=0.0).to(COMPUTE)
+        if ACT != 0:
+            s = tl.load(s_ptrs, mask=nm_mask, other=0.0).to(COMPUTE)
+            da = da * _act_grad(s, ACT, slope)
+        if HAS_BIAS:
+            db += tl.sum(da, axis=1)
+        xt = tl.load(x_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        acc = tl.dot(da.to(ELEM).to(DOT), xt.to(DOT), acc, input_precision=PRECISION, out_dtype=COMPUTE)
+        dy_ptrs += BLOCK_M * s_dym
+        s_ptrs += BLOCK_M * N
+        x_ptrs += BLOCK_M * s_xm
+    tl.store(dw_ptr + rn64[:, None] * K + rk[None, :], acc.to(dw_ptr.dtype.element_ty),
+             mask=n_ok[:, None] & k_ok[None, :])
+    if HAS_BIAS:
+        if pid_k == 0:
+            tl.store(db_ptr + rn, db.to(db_ptr.dtype.element_ty), mask=n_ok)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Launch configuration
+# ---------------------------------------------------------------------------------------------------------
+# (BLOCK_rows, BLOCK_cols, BLOCK_reduction, num_warps, num_stages) per operand width, large and small.
+_GPU_CONFIGS = {
+    2: {"large": (128, 128, 64, 8, 3), "small": (64, 64, 64, 4, 3)},  # fp16 / bf16
+    4: {"large": (128, 128, 32, 8, 2), "small": (64, 64, 32, 4, 2)},  # fp32
+    8: {"large": (64, 64, 16, 4, 1), "small": (32, 32, 16, 4, 1)},  # fp64 (gradcheck only)
+}
+_GROUP = 8
+
+
+def _config(rows: int, cols: int, red: int, dtype: torch.dtype) -> tuple[int, int, int, int, int]:
+    """Tile for an output of rows x cols with a reduction of length red."""
+    if interpreting():
+        clamp = lambda v, lo, hi: max(lo, min(next_pow2(v), hi))  # noqa: E731
+        return clamp(rows, 16, 256), clamp(cols, 16, 256), clamp(red, 16, 128), 1, 1
+    table = _GPU_CONFIGS[dtype.itemsize]
+    # Small problems: smaller tiles so that there are enough programs to fill the GPU.
+    big = triton.cdiv(rows, 128) * triton.cdiv(cols, 128) >= 64
+    return table["large" if big else "small"]
+
+
+def _operand_types(dtype: torch.dtype, allow_tf32: bool):
+    """(COMPUTE, ELEM, DOT, PRECISION) for tensors of ``dtype``."""
+    elem = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16,
+            torch.float64: tl.float64}[dtype]
+    comp = compute_dtype(dtype)
+    # The interpreter's bf16 is raw uint16: upcast the operands (exact) and multiply in COMPUTE.
+    dot = comp if interpreting() else elem
+    precision = "tf32" if (allow_tf32 and dtype == torch.float32) else "ieee"
+    return comp, elem, dot, precision
+
+
+def saves_preact(activation: str, negative_slope: float) -> bool:
+    """Whether backward needs the pre-activation (else the output suffices)."""
+    return activation == "gelu" or (activation == "leaky_relu" and negative_slope <= 0)
+
+
+def linear_act_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], activation: str,
+                       negative_slope: float, allow_tf32: bool = False, save_preact: bool = False):
+    """(y [M, N], a [M, N] or None): y = act(x @ W^T + b); a is written only when save_preact."""
+    check_tensors(x, weight, bias)
+    M, K = x.shape
+    N = weight.shape[0]
+    y = torch.empty((M, N), device=x.device, dtype=x.dtype)
+    a = torch.empty((M, N), device=x.device, dtype=x.dtype) if save_preact else None
+    bm, bn, bk, warps, stages = _config(M, N, K, x.dtype)
+    comp, _, dot, precision = _operand_types(x.dtype, allow_tf32)
+    grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn),)
+    b_arg = bias if bias is not None else y
+    linear_act_fwd_kernel[grid](
+        x, weight, b_arg, y, a if a is not None else y, M, N, K, x.stride(0), x.stride(1), weight.stride(0),
+        weight.stride(1), b_arg.stride(0) if bias is not None else 0, float(negative_slope),
+        HAS_BIAS=bias is not None, ACT=ACT_CODES[activation], SAVE_PREACT=save_preact, COMPUTE=comp, DOT=dot,
+        PRECISION=precision, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=_GROUP, num_warps=warps,
+        num_stages=stages)
+    return y, a
+
+
+def linear_act_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, saved: torch.Tensor,
+                        has_bias: bool, activation: str, negative_slope: float, allow_tf32: bool = False,
+                        need_dx: bool = True, need_dw: bool = True):
+    """(dx or None, dW or None, db or None); ``saved`` is y, or a when saves_preact(...)."""
+    check_tensors(dy, x, weight, saved)
+    M, K = x.shape
+    N = weight.shape[0]
+    comp, elem, dot, precision = _operand_types(x.dtype, allow_tf32)
+    act = ACT_CODES[activation]
+    slope = float(negative_slope)
+    dx = dw = db = None
+    if need_dx:
+        dx = torch.empty((M, K), device=x.device, dtype=x.dtype)
+        bm, bk, bn, warps, stages = _config(M, K, N, x.dtype)
+        linear_act_bwd_dx_kernel[(triton.cdiv(M, bm) * triton.cdiv(K, bk),)](
+            dy, saved, weight, dx, M, N, K, dy.stride(0), dy.stride(1), weight.stride(0), weight.stride(1), slope,
+            ACT=act, COMPUTE=comp, ELEM=elem, DOT=dot, PRECISION=precision, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+            GROUP_M=_GROUP, num_warps=warps, num_stages=stages)
+    if need_dw or has_bias:
+        dw = torch.empty((N, K), device=x.device, dtype=x.dtype)
+        db = torch.empty((N,), device=x.device, dtype=x.dtype) if has_bias else None
+        bn, bk, bm, warps, stages = _config(N, K, M, x.dtype)
+        linear_act_bwd_dw_kernel[(triton.cdiv(N, bn) * triton.cdiv(K, bk),)](
+            dy, saved, x, dw, db if db is not None else dw, M, N, K, dy.stride(0), dy.stride(1), x.stride(0),
+            x.stride(1), slope, HAS_BIAS=has_bias, ACT=act, COMPUTE=comp, ELEM=elem, DOT=dot, PRECISION=precision,
+            BLOCK_N=bn, BLOCK_M=bm, BLOCK_K=bk, GROUP_N=_GROUP, num_warps=warps, num_stages=stages)
+        if not need_dw:
+            dw = None
+    return dx, dw, db
+
+
+def configs() -> list[CompileSpec]:
+    """Every tile the GPU launcher can choose x dtype, for relu (y saved) and gelu (a saved) where it matters."""
+    specs = []
+    tl_types = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        t, elem = tl_name(dtype), tl_types[dtype]
+        precisions = ("ieee", "tf32") if dtype == torch.float32 else ("ieee",)
+        for size, (b0, b1, b2, warps, stages) in _GPU_CONFIGS[dtype.itemsize].items():
+            for precision in precisions:
+                for act_name in ("relu", "gelu"):
+                    act = ACT_CODES[act_name]
+                    default = dtype == torch.bfloat16 and size == "large" and act_name == "relu"
+                    tag = f"{t} {size} {precision} {act_name}"
+                    const = {"HAS_BIAS": True, "ACT": act, "SAVE_PREACT": act_name == "gelu", "COMPUTE": tl.float32,
+                             "DOT": elem, "PRECISION": precision, "BLOCK_M": b0, "BLOCK_N": b1, "BLOCK_K": b2,
+                             "GROUP_M": _GROUP}
+                    sig = {"x_ptr": f"*{t}", "w_ptr": f"*{t}", "b_ptr": f"*{t}", "y_ptr": f"*{t}", "a_ptr": f"*{t}",
+                           **{k: "i32" for k in ("M", "N", "K", "s_xm", "s_xk", "s_wn", "s_wk", "s_b")},
+                           "slope": "fp32", **{k: "constexpr" for k in const}}
+                    specs.append(CompileSpec(f"linear_act_fwd {tag} {b0}x{b1}x{b2}", linear_act_fwd_kernel, sig,
+                                             const, warps, stages, default=default))
+                    const = {"ACT": act, "COMPUTE": tl.float32, "ELEM": elem, "DOT": elem, "PRECISION": precision,
+                             "BLOCK_M": b0, "BLOCK_N": b2, "BLOCK_K": b1, "GROUP_M": _GROUP}
+                    sig = {"dy_ptr": f"*{t}", "s_ptr": f"*{t}", "w_ptr": f"*{t}", "dx_ptr": f"*{t}",
+                           **{k: "i32" for k in ("M", "N", "K", "s_dym", "s_dyn", "s_wn", "s_wk")},
+                           "slope": "fp32", **{k: "constexpr" for k in const}}
+                    specs.append(CompileSpec(f"linear_act_bwd_dx {tag} {b0}x{b1}x{b2}", linear_act_bwd_dx_kernel,
+                                             sig, const, warps, stages, default=default))
+                    const = {"HAS_BIAS": True, "ACT": act, "COMPUTE": tl.float32, "ELEM": elem, "DOT": elem,
+                             "PRECISION": precision, "BLOCK_N": b0, "BLOCK_M": b2, "BLOCK_K": b1, "GROUP_N": _GROUP}
+                    sig = {"dy_ptr": f"*{t}", "s_ptr": f"*{t}", "x_ptr": f"*{t}", "dw_ptr": f"*{t}", "db_ptr": f"*{t}",
+                           **{k: "i32" for k in ("M", "N", "K", "s_dym", "s_dyn", "s_xm", "s_xk")},
+                           "slope": "fp32", **{k: "constexpr" for k in const}}
+                    specs.append(CompileSpec(f"linear_act_bwd_dw {tag} {b0}x{b1}x{b2}", linear_act_bwd_dw_kernel,
+                                             sig, const, warps, stages, default=default))
+    return specs
