@@ -65,3 +65,19 @@ def test_ctrl_c_leaves_a_checkpoint_to_resume_from(tmp_path):
     assert model.step >= 1
     assert run("--steps", str(model.step + 2), "--out", str(out), "--resume").returncode == 0
     assert Model.load(out / "checkpoint.pt").step == model.step + 2
+
+
+def test_sigkill_loses_at_most_the_steps_since_the_last_checkpoint(tmp_path):
+    out = tmp_path / "r"
+    proc = subprocess.Popen([*TRAIN, "--steps", "100000", "--out", str(out), "--checkpoint-every", "5"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log, deadline = out / "metrics.jsonl", time.time() + 120
+    while not (log.exists() and len(log.read_text().splitlines()) >= 12):
+        assert time.time() < deadline and proc.poll() is None, "training did not get going"
+        time.sleep(0.1)
+    proc.kill()  # SIGKILL: no handler runs
+    proc.wait(timeout=60)
+    last_logged = steps_logged(out)[-1]
+    model = Model.load(out / "checkpoint.pt")
+    assert model.step % 5 == 0 and last_logged - 5 <= model.step <= last_logged
+    assert run("--steps", str(model.step + 1), "--out", str(out), "--resume").returncode == 0

@@ -387,6 +387,7 @@ class Model(nn.Module):
             opt.load_state_dict(state["optimizers"][name])
         model.step = int(state["step"])
         model.restore_rng(state["rng_device"], state["rng_state"])
+        model.checkpoint_extra = state.get("extra")  # what the caller of save() stored beside the model
         return model
 
     def restore_rng(self, device_type: str, rng_state: torch.Tensor) -> None:

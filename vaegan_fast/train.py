@@ -52,7 +52,7 @@ def train(model_kwargs: dict, *, data: str, steps: int, batch_size: int, out: st
     ckpt_path, metrics_path = out_dir / CHECKPOINT_NAME, out_dir / METRICS_NAME
     if resume and ckpt_path.exists():
         model = Model.load(ckpt_path, map_location=device)
-        run = torch.load(ckpt_path, map_location="cpu", weights_only=True).get("extra", {})
+        run = model.checkpoint_extra or {}
         if run.get("data") != data or run.get("batch_size") != batch_size:
             raise ValueError(f"{ckpt_path} was trained on data={run.get('data')!r} with batch size "
                              f"{run.get('batch_size')}; resume with the same --data and --batch-size")
