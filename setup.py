@@ -8,8 +8,95 @@ already has that name) out of site-packages. Editable installs map it the same w
 torch is declared as ``torch>=2.4`` and not pinned: a GPU user keeps the torch they have. On a CPU-only
 machine install the CPU build first (``pip install torch==2.13.0``), as the README's set-up command does,
 so that pip sees the requirement satisfied and never pulls a multi-GB CUDA build.
+
+The native CPU backend (``kernels/cpu/*.cpp``) is a shared library of torch ops built by the top-level
+``CMakeLists.txt``; the ``build_ext`` step below runs CMake and puts the library inside the package, at
+``vaegan_fast/_native/libvaegan_fast_native.so`` (in the source tree for an editable install). It compiles
+against the installed torch, so torch must be importable at build time: install torch first and use
+``pip install --no-build-isolation -e .`` (or ``pip install --no-build-isolation .``).
+
+- Where CMake and a C++ compiler are found, a failing native build fails the install, loudly.
+- Where either is missing, the package installs without the native backend and says so (then
+  ``backend="native"`` raises an error that says how to build it, and ``backend="auto"`` uses the reference).
+- ``VAEGAN_FAST_SKIP_NATIVE=1`` skips the native build on purpose.
+- ``VAEGAN_FAST_ARCH=avx2|native|generic`` picks the kernels' ISA (default avx2; see CMakeLists.txt);
+  ``VAEGAN_FAST_BUILD_JOBS`` the parallel compile jobs (default 2). The CMake build folder is
+  ``build/native``, kept between installs so a rebuild only recompiles what changed.
 """
-from setuptools import setup
+import os
+import shutil
+import subprocess
+import sys
+
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+NATIVE = "vaegan_fast._native.libvaegan_fast_native"
+
+
+class CMakeExtension(Extension):
+    """An extension built by CMakeLists.txt, not by setuptools' compiler."""
+
+    def __init__(self, name: str):
+        super().__init__(name, sources=[])
+
+
+class CMakeBuild(build_ext):
+    def get_ext_filename(self, fullname):
+        # A plain shared library loaded with torch.ops.load_library, not a Python module: no ABI suffix.
+        # (distutils asks with the full dotted name or with its last part only.)
+        if fullname in (NATIVE, NATIVE.rsplit(".", 1)[1]):
+            return os.path.join(*fullname.split(".")) + ".so"
+        return super().get_ext_filename(fullname)
+
+    def build_extension(self, ext):
+        if not isinstance(ext, CMakeExtension):
+            return super().build_extension(ext)
+        try:
+            import torch
+        except ImportError as exc:
+            raise RuntimeError(
+                "vaegan_fast's native backend compiles against torch, which is not importable in the build "
+                f"environment ({exc}). Install torch first, then `pip install --no-build-isolation -e .`; or "
+                "set VAEGAN_FAST_SKIP_NATIVE=1 to install without the native backend.") from exc
+        build_dir = os.path.join(ROOT, "build", "native")
+        os.makedirs(build_dir, exist_ok=True)
+        configure = ["cmake", "-S", ROOT, "-B", build_dir, "-DCMAKE_BUILD_TYPE=Release",
+                     f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}",
+                     f"-DVAEGAN_FAST_ARCH={os.environ.get('VAEGAN_FAST_ARCH', 'avx2')}"]
+        if shutil.which("ninja") and not os.path.exists(os.path.join(build_dir, "Makefile")):
+            configure += ["-G", "Ninja"]
+        jobs = os.environ.get("VAEGAN_FAST_BUILD_JOBS", "2")
+        for cmd in (configure, ["cmake", "--build", build_dir, "--parallel", jobs]):
+            print("vaegan_fast native build:", " ".join(cmd), flush=True)
+            try:
+                subprocess.run(cmd, check=True)
+            except subprocess.CalledProcessError as exc:
+                raise RuntimeError(
+                    f"vaegan_fast: the native CPU backend failed to build ({' '.join(cmd)} exited with "
+                    f"{exc.returncode}; its output is above). Fix the build, or set VAEGAN_FAST_SKIP_NATIVE=1 "
+                    "to install without the native backend on purpose.") from exc
+        target = self.get_ext_fullpath(ext.name)
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        shutil.copyfile(os.path.join(build_dir, "libvaegan_fast_native.so"), target)
+
+
+def native_extensions() -> list:
+    if os.environ.get("VAEGAN_FAST_SKIP_NATIVE", "") not in ("", "0"):
+        print("vaegan_fast: VAEGAN_FAST_SKIP_NATIVE is set: installing without the native CPU backend",
+              file=sys.stderr)
+        return []
+    compiler = os.environ.get("CXX") or "c++"
+    missing = [tool for tool, found in (("cmake", shutil.which("cmake")),
+                                        (compiler, shutil.which(compiler) or shutil.which("g++")
+                                         or shutil.which("clang++"))) if not found]
+    if missing:
+        print(f"WARNING: vaegan_fast: {' and '.join(missing)} not found: installing WITHOUT the native CPU "
+              "backend (backend='auto' will use the slower reference ops on the CPU)", file=sys.stderr)
+        return []
+    return [CMakeExtension(NATIVE)]
+
 
 setup(
     name="vaegan_fast",
@@ -19,7 +106,10 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=["vaegan_fast", "vaegan_fast.ops", "vaegan_fast.nn", "vaegan_fast.kernels"],
+    package_data={"vaegan_fast": ["assets/*.pt"]},
     package_dir={"vaegan_fast.kernels": "kernels"},
+    ext_modules=native_extensions(),
+    cmdclass={"build_ext": CMakeBuild},
     install_requires=[
         "torch>=2.4",
         "triton>=3.6",

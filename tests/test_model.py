@@ -97,8 +97,8 @@ def test_summing_the_losses_would_route_wrong_gradients():
 
 
 def test_losses_routed_by_hand_match_train_step():
-    model = small_model()
-    x = batch()
+    model = small_model().double()  # train_step's routed step and autograd agree to rounding: check in fp64
+    x = batch(dtype=torch.float64)
     manual = copy.deepcopy(model)
     stats = model.train_step(x)
     losses = manual.losses(x)
@@ -109,8 +109,8 @@ def test_losses_routed_by_hand_match_train_step():
         manual.optimizers[name].step()
     for (k, a), b in zip(model.state_dict().items(), manual.state_dict().values()):
         if k != "gate_skips":
-            assert torch.equal(a, b), k
-    assert torch.equal(stats["encoder_loss"], losses["encoder"].detach())
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12, msg=k)
+    torch.testing.assert_close(stats["encoder_loss"], losses["encoder"].detach(), rtol=1e-12, atol=0)
 
 
 @pytest.mark.parametrize("d_real,d_fake,train_disc,train_dec", [

@@ -30,6 +30,7 @@ from torch import nn
 from . import checkpoint
 from .nn import FusedLinear, MLPDecoder, MLPDiscriminator, MLPEncoder
 from .ops import discriminator_loss, feature_recon_loss, generator_loss, reparam_kl, softplus
+from .step import routed_step_gradients
 
 NETWORKS = ("encoder", "decoder", "discriminator")
 # The networks each mode trains.
@@ -120,7 +121,9 @@ class Model(nn.Module):
         for name in NETWORKS:
             kwargs = {"lr": lrs[name]}
             if optimizer == "adam":
-                kwargs["betas"] = tuple(betas_per_net[name])
+                # One fused multi-tensor kernel per update; it also skips a gated update on the device
+                # (through found_inf, as AMP's grad scaler does) without a host round trip.
+                kwargs.update(betas=tuple(betas_per_net[name]), fused=True)
             self.optimizers[name] = opt_cls(getattr(self, name).parameters(), **kwargs)
 
         # How often the equilibrium gate skipped [the discriminator's, the decoder's] update: kept on the
@@ -313,6 +316,11 @@ class Model(nn.Module):
         neither = ~(train_disc | train_dec)
         return train_disc | neither, train_dec | neither
 
+    @property
+    def uses_routed_step(self) -> bool:
+        """Whether train_step runs the explicit routed step (built-in MLPs, mode "vaegan")."""
+        return not self.config["custom_networks"] and self.config["mode"] == "vaegan"
+
     def routed_gradients(self, losses: dict, networks: Sequence[str] = NETWORKS) -> dict:
         """Each named network's gradient of its own loss alone: {network: [grad per parameter]}."""
         grads = {}
@@ -324,20 +332,33 @@ class Model(nn.Module):
     def train_step(self, x: torch.Tensor) -> dict:
         """One VAE-GAN update of all three networks; returns detached 0-dim tensors on the model's device."""
         x = self._check_batch(x)
-        losses = self._losses(x)
-        trained = MODES[self.config["mode"]]
+        grads = None
+        if self.uses_routed_step:
+            # Built-in MLPs: each vector-Jacobian product formed once, without autograd (vaegan_fast/step.py).
+            gen, shape = self._rng(), (x.shape[0], self.config["latent_dim"])
+            with torch.no_grad():
+                eps = torch.randn(shape, generator=gen, device=x.device, dtype=x.dtype)
+                z_prior = torch.randn(shape, generator=gen, device=x.device, dtype=x.dtype)
+                grads, losses = routed_step_gradients(self, x, eps, z_prior)
+        else:
+            losses = self._losses(x)
+        trained = list(MODES[self.config["mode"]])
         if "d_real" in losses:
             train_disc, train_dec = self.gate_decisions(losses["d_real"], losses["d_fake"])
         else:
             train_disc = train_dec = torch.ones((), dtype=torch.bool, device=x.device)
-        if self.config["gating"]:
-            # The gate needs the decision on the host to skip work (the device-side form is a later issue).
-            gated = {"discriminator": bool(train_disc), "decoder": bool(train_dec)}
-            trained = [n for n in trained if gated.get(n, True)]
-        grads = self.routed_gradients(losses, trained)
+        gates = {"discriminator": train_disc, "decoder": train_dec}
+        device_gating = self.config["gating"] and self.config["optimizer"] == "adam"
+        for name, opt in self.optimizers.items():
+            # Fused Adam skips its whole update (state included) when found_inf is 1: no host sync.
+            opt.found_inf = (~gates[name]).float() if device_gating and name in gates else None
+        if self.config["gating"] and not device_gating:
+            trained = [n for n in trained if bool(gates.get(n, True))]  # reads the decision on the host
+        if grads is None:
+            grads = self.routed_gradients(losses, trained)
         # All gradients are taken before any parameter changes in place.
-        for name, net_grads in grads.items():
-            for p, g in zip(self.parameters_of(name), net_grads):
+        for name in trained:
+            for p, g in zip(self.parameters_of(name), grads[name]):
                 p.grad = g
             self.optimizers[name].step()
             self.optimizers[name].zero_grad(set_to_none=True)

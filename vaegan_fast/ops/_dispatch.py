@@ -8,6 +8,7 @@ a BackendUnavailableError that says why.
 """
 from __future__ import annotations
 
+import warnings
 from typing import Callable, Optional
 
 import torch
@@ -22,6 +23,8 @@ _impls: dict[tuple[str, str], Callable] = {}
 _availability: dict[str, Callable[[torch.device], Optional[str]]] = {"reference": lambda device: None}
 # backend -> why it failed to load (set by the module that tried to load it).
 _load_errors: dict[str, str] = {}
+# backends whose load failure "auto" has already warned about (one warning per backend and process).
+_warned_load_errors: set[str] = set()
 
 
 class BackendUnavailableError(RuntimeError):
@@ -61,6 +64,10 @@ def resolve(op: str, backend: str, device: torch.device) -> tuple[str, Callable]
         for name in _AUTO_ORDER.get(device.type, ("reference",)):
             if _unusable_reason(op, name, device) is None:
                 return name, _impls[(op, name)]
+            if name in _load_errors and name not in _warned_load_errors:
+                _warned_load_errors.add(name)
+                warnings.warn(f"backend='auto' skips {name!r}, which failed to load: {_load_errors[name]}",
+                              RuntimeWarning, stacklevel=3)
         raise BackendUnavailableError(f"no backend can run {op} on {device}")  # unreachable: reference
     if backend not in BACKENDS:
         raise ValueError(f"backend must be 'auto' or one of {BACKENDS}, got {backend!r}")

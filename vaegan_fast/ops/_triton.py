@@ -350,3 +350,23 @@ def linear_act_triton(x: Tensor, weight: Tensor, bias: Optional[Tensor], activat
 
 
 linear_act_triton.accepts_allow_tf32 = True
+
+
+# =========================================================================================================
+# Layer primitives of the explicit routed step (vaegan_fast/ops/dense.py): the same kernels, no autograd.
+# =========================================================================================================
+@_dispatch.register("dense_forward", "triton")
+def dense_forward_triton(x: Tensor, weight: Tensor, bias: Optional[Tensor], activation: str, negative_slope: float):
+    _check_dtypes(x=x, weight=weight, bias=bias)
+    save_preact = K_LINEAR.saves_preact(activation, negative_slope)
+    y, a = linear_act_op(x, weight, bias, activation, float(negative_slope), False, save_preact)
+    return y, (a if save_preact else y)
+
+
+@_dispatch.register("dense_backward", "triton")
+def dense_backward_triton(dy: Tensor, x: Tensor, weight: Tensor, saved: Tensor, has_bias: bool, activation: str,
+                          negative_slope: float, need_dx: bool, need_dw: bool):
+    want_db = has_bias and need_dw
+    dx, dw, db = linear_act_backward_op(dy, x, weight, saved, want_db, activation, float(negative_slope), False,
+                                        need_dx, need_dw)
+    return dx if need_dx else None, dw if need_dw else None, db if want_db else None

@@ -1,0 +1,31 @@
+// The schemas of the native CPU ops, all in one place. The kernels (TORCH_LIBRARY_IMPL for CPU) live in
+// reparam_kl.cpp, gan_losses.cpp and linear_act.cpp, one file per op with its math and bytes moved; the
+// fake (meta) implementations and the autograd formulas are registered from Python, in
+// vaegan_fast/ops/_native.py. Load with torch.ops.load_library(path) after importing torch.
+#include <torch/library.h>
+
+TORCH_LIBRARY(vaegan_fast_native, m) {
+  // (z, kl) = reparam_kl(mu, logvar, eps); grads of mu, logvar (and eps when need_grad_eps, else empty).
+  m.def("reparam_kl(Tensor mu, Tensor logvar, Tensor eps) -> (Tensor, Tensor)");
+  m.def(
+      "reparam_kl_backward(Tensor mu, Tensor logvar, Tensor eps, Tensor? grad_z, Tensor? grad_kl, "
+      "bool need_grad_eps) -> (Tensor, Tensor, Tensor)");
+  // [loss, d loss/d xs[0], ...] with loss = sum_k coeffs[k] * mean softplus(signs[k] * xs[k]); the grads are
+  // empty tensors when need_grad is false.
+  m.def("softplus_losses(Tensor[] xs, float[] signs, float[] coeffs, bool need_grad) -> Tensor[]");
+  // (loss, (a - b) / N): loss = 0.5 * sum (a - b)^2 / N with N = a.size(0); the gradient is empty unless
+  // need_grad.
+  m.def("feature_recon_loss(Tensor a, Tensor b, bool need_grad) -> (Tensor, Tensor)");
+  // grad * stored, and its negation when want_negated (else empty): the losses' backward in one pass.
+  m.def("scale_grad(Tensor stored, Tensor grad, bool want_negated) -> (Tensor, Tensor)");
+  // (y, saved) = act(x @ weight.T + bias); saved is the pre-activation when the derivative cannot be formed
+  // from y (gelu, leaky_relu with a slope <= 0), else an empty tensor. activation: index in
+  // ("identity", "relu", "leaky_relu", "tanh", "sigmoid", "gelu").
+  m.def("linear_act(Tensor x, Tensor weight, Tensor? bias, int activation, float negative_slope) -> "
+        "(Tensor, Tensor)");
+  // (grad_x, grad_weight, grad_bias) from grad_y and saved (y, or the pre-activation); a gradient whose
+  // output_mask entry is false comes back as an empty tensor.
+  m.def(
+      "linear_act_backward(Tensor grad_y, Tensor x, Tensor weight, Tensor saved, bool saved_is_output, "
+      "int activation, float negative_slope, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+}

@@ -1,0 +1,366 @@
+// linear_act on the CPU: GEMM through ATen (BLAS), bias and activation in one pass over its output.
+//
+//   forward   a = x @ weight.T                      at::mm, x [M, K], weight [N, K]
+//             y = act(a + bias)                     one pass over a (in place when y is all backward needs)
+//   backward  ga = grad_y * act'(.)                 one pass; the bias gradient (column sums of ga) is
+//                                                   accumulated in the same pass
+//             grad_x = ga @ weight, grad_weight = ga.T @ x     at::mm
+//
+//   act'(.) is formed from y where that is exact: relu (y > 0), leaky_relu with slope > 0 (y > 0 ? 1 : s),
+//   tanh (1 - y^2), sigmoid (y (1 - y)), identity (no pass at all); gelu (tanh form) and leaky_relu with a
+//   slope <= 0 need the pre-activation a + bias, which the forward then keeps as a second output. The
+//   activations and derivatives are exactly those of torch (vaegan_fast/ops/linear_act.py is the spec):
+//     gelu(a) = 0.5 a (1 + tanh(k0 (a + k1 a^3))),  k0 = sqrt(2/pi), k1 = 0.044715
+//     gelu'(a) = 0.5 (1 + th) + 0.5 a (1 - th^2) k0 (1 + 3 k1 a^2),  th = tanh(k0 (a + k1 a^3))
+//
+// Bytes moved besides the GEMMs, M x N outputs of size e: forward reads and writes a once (2 MNe; + MNe when
+// the pre-activation is kept); backward reads grad_y and the saved tensor and writes ga (3 MNe). Eager
+// PyTorch: addmm's bias copy, the activation (2 MNe), and backward's activation derivative (3 MNe) plus a
+// separate bias-gradient reduction (MNe), with one dispatch per op.
+//
+// bf16: the operands are upcast and the GEMMs, bias and activation run in fp32, rounded to bf16 once (on
+// CPUs without AVX512-BF16 a bf16 GEMM is ~20x slower than the upcast plus an fp32 GEMM). The derivative
+// pass reads bf16 grad_y and writes bf16 ga, as eager does. The bias gradient is summed in fp32 (fp64 for double) per row-task, tasks added
+// in order: independent of the thread count.
+#include "common.h"
+
+#include <ATen/ops/gelu.h>
+#include <ATen/ops/leaky_relu.h>
+#include <ATen/ops/linear.h>
+#include <ATen/ops/relu.h>
+#include <ATen/ops/sigmoid.h>
+#include <ATen/ops/tanh.h>
+#include <torch/csrc/autograd/autograd.h>
+
+namespace vaegan_fast_native {
+namespace {
+
+enum Act : int64_t { kIdentity = 0, kRelu = 1, kLeaky = 2, kTanh = 3, kSigmoid = 4, kGelu = 5 };
+
+bool keeps_preactivation(int64_t act, double slope) {
+  return act == kGelu || (act == kLeaky && slope <= 0.0);
+}
+
+template <typename A>
+struct GeluConst {
+  static constexpr A k0 = A(0.7978845608028654);  // sqrt(2 / pi)
+  static constexpr A k1 = A(0.044715);
+};
+
+// y = act(w) over one block; u is scratch.
+template <typename A>
+inline void activate(int64_t act, A slope, const A* w, A* y, A* u, int64_t n) {
+  switch (act) {
+    case kIdentity:
+      for (int64_t i = 0; i < n; ++i) y[i] = w[i];
+      break;
+    case kRelu:
+      for (int64_t i = 0; i < n; ++i) y[i] = std::max(w[i], A(0));
+      break;
+    case kLeaky:
+      for (int64_t i = 0; i < n; ++i) y[i] = std::max(w[i], A(0)) + slope * std::min(w[i], A(0));
+      break;
+    case kTanh:
+      vtanh(w, y, n);
+      break;
+    case kSigmoid:
+      for (int64_t i = 0; i < n; ++i) u[i] = -w[i];
+      vexp(u, u, n);
+      for (int64_t i = 0; i < n; ++i) y[i] = A(1) / (A(1) + u[i]);
+      break;
+    case kGelu: {
+      constexpr A k0 = GeluConst<A>::k0, k1 = GeluConst<A>::k1;
+      for (int64_t i = 0; i < n; ++i) u[i] = k0 * (w[i] + k1 * w[i] * w[i] * w[i]);
+      vtanh(u, u, n);
+      for (int64_t i = 0; i < n; ++i) y[i] = A(0.5) * w[i] * (A(1) + u[i]);
+      break;
+    }
+  }
+}
+
+// ga = g * act'(s) over one block, s being y or the pre-activation (see the header); u is scratch.
+template <typename A>
+inline void derivative(int64_t act, A slope, const A* g, const A* s, A* ga, A* u, int64_t n) {
+  switch (act) {
+    case kIdentity:
+      for (int64_t i = 0; i < n; ++i) ga[i] = g[i];
+      break;
+    case kRelu:
+      for (int64_t i = 0; i < n; ++i) ga[i] = s[i] > A(0) ? g[i] : A(0);
+      break;
+    case kLeaky:
+      for (int64_t i = 0; i < n; ++i) ga[i] = s[i] > A(0) ? g[i] : slope * g[i];
+      break;
+    case kTanh:
+      for (int64_t i = 0; i < n; ++i) ga[i] = g[i] * (A(1) - s[i] * s[i]);
+      break;
+    case kSigmoid:
+      for (int64_t i = 0; i < n; ++i) ga[i] = g[i] * ((A(1) - s[i]) * s[i]);
+      break;
+    case kGelu: {
+      constexpr A k0 = GeluConst<A>::k0, k1 = GeluConst<A>::k1;
+      for (int64_t i = 0; i < n; ++i) u[i] = k0 * (s[i] + k1 * s[i] * s[i] * s[i]);
+      vtanh(u, u, n);
+      for (int64_t i = 0; i < n; ++i) {
+        const A x = s[i], th = u[i];
+        const A left_d = A(0.5) * (A(1) + th);
+        const A right_d = A(0.5) * x * (A(1) - th * th) * k0 * (A(1) + A(3) * k1 * x * x);
+        ga[i] = g[i] * (left_d + right_d);
+      }
+      break;
+    }
+  }
+}
+
+// In place over a [M, N]: a <- act(a + bias), or (keep_pre) y <- act(a + bias) and a <- a + bias.
+template <typename T>
+void epilogue_kernel(T* a, T* y, const acc_t<T>* bias, int64_t M, int64_t N, int64_t act, acc_t<T> slope,
+                     bool keep_pre) {
+  using A = acc_t<T>;
+  const int64_t rows_per_task = std::max<int64_t>(1, kTask / N);
+  for_tasks(ceil_div(M, rows_per_task), [&](int64_t task) {
+    A bv[kBlock], w[kBlock], u[kBlock], by[kBlock];
+    const int64_t r1 = std::min(M, (task + 1) * rows_per_task);
+    for (int64_t r = task * rows_per_task; r < r1; ++r) {
+      for (int64_t j0 = 0; j0 < N; j0 += kBlock) {
+        const int64_t n = std::min(kBlock, N - j0), off = r * N + j0;
+        const A* v = load(a + off, bv, n);
+        if (bias) {
+          for (int64_t i = 0; i < n; ++i) w[i] = v[i] + bias[j0 + i];
+        } else {
+          for (int64_t i = 0; i < n; ++i) w[i] = v[i];
+        }
+        A* yo = out_ptr(y + off, by);
+        activate(act, slope, w, yo, u, n);
+        finish(yo, y + off, n);
+        if (keep_pre && bias) {
+          A* ao = out_ptr(a + off, bv);
+          for (int64_t i = 0; i < n; ++i) ao[i] = w[i];
+          finish(ao, a + off, n);
+        }
+      }
+    }
+  });
+}
+
+// ga = grad_y * act'(saved); column sums of ga into bias_grad (when not null).
+template <typename T>
+void backward_kernel(const T* gy, const T* saved, T* ga, acc_t<T>* bias_grad, int64_t M, int64_t N,
+                     int64_t act, acc_t<T> slope) {
+  using A = acc_t<T>;
+  const int64_t rows_per_task = std::max<int64_t>(1, kTask / N);
+  const int64_t ntasks = ceil_div(M, rows_per_task);
+  std::vector<A> partials(bias_grad ? ntasks * N : 0, A(0));
+  for_tasks(ntasks, [&](int64_t task) {
+    A bg[kBlock], bs[kBlock], bo[kBlock], u[kBlock];
+    A* col = bias_grad ? partials.data() + task * N : nullptr;
+    const int64_t r1 = std::min(M, (task + 1) * rows_per_task);
+    for (int64_t r = task * rows_per_task; r < r1; ++r) {
+      for (int64_t j0 = 0; j0 < N; j0 += kBlock) {
+        const int64_t n = std::min(kBlock, N - j0), off = r * N + j0;
+        const A* g = load(gy + off, bg, n);
+        const A* o;
+        if (ga) {
+          const A* s = saved ? load(saved + off, bs, n) : nullptr;
+          A* out = out_ptr(ga + off, bo);
+          derivative(act, slope, g, s, out, u, n);
+          finish(out, ga + off, n);
+          o = out;
+        } else {
+          o = g;  // identity: ga is grad_y itself
+        }
+        if (col) {
+          A* c = col + j0;
+          for (int64_t i = 0; i < n; ++i) c[i] += o[i];
+        }
+      }
+    }
+  });
+  if (bias_grad) {
+    for (int64_t j = 0; j < N; ++j) bias_grad[j] = A(0);
+    for (int64_t t = 0; t < ntasks; ++t) {
+      const A* p = partials.data() + t * N;
+      for (int64_t j = 0; j < N; ++j) bias_grad[j] += p[j];
+    }
+  }
+}
+
+void check_linear(const at::Tensor& x, const at::Tensor& weight, int64_t act) {
+  check_dtype(x, "linear_act", "x");
+  check_dtype(weight, "linear_act", "weight");
+  TORCH_CHECK(x.dim() == 2 && weight.dim() == 2 && x.size(1) == weight.size(1),
+              "vaegan_fast native linear_act: x must be [M, K] and weight [N, K], got ", x.sizes(), " and ",
+              weight.sizes());
+  TORCH_CHECK(x.scalar_type() == weight.scalar_type(), "vaegan_fast native linear_act: one dtype for all inputs");
+  TORCH_CHECK(act >= kIdentity && act <= kGelu, "vaegan_fast native linear_act: unknown activation ", act);
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> linear_act(const at::Tensor& x, const at::Tensor& weight,
+                                              const std::optional<at::Tensor>& bias_, int64_t act, double slope) {
+  check_linear(x, weight, act);
+  const int64_t M = x.size(0), N = weight.size(0);
+  const bool has_bias = bias_.has_value() && bias_->defined();
+  if (has_bias) {
+    check_dtype(*bias_, "linear_act", "bias");
+    TORCH_CHECK(bias_->dim() == 1 && bias_->size(0) == N && bias_->scalar_type() == x.scalar_type(),
+                "vaegan_fast native linear_act: bias must be [N] of the inputs' dtype");
+  }
+  if (x.scalar_type() == at::kBFloat16) {
+    // bf16: GEMM, bias and activation in fp32, rounded once at the end. x86 CPUs without AVX512-BF16 (this
+    // one) run bf16 GEMMs about 20x slower than fp32 ones, so upcasting the operands (a pass over x and W)
+    // is far cheaper than the bf16 GEMM and rounds less.
+    auto b32 = has_bias ? std::optional<at::Tensor>(bias_->to(at::kFloat)) : std::nullopt;
+    auto [y32, pre32] = linear_act(x.to(at::kFloat), weight.to(at::kFloat), b32, act, slope);
+    return {y32.to(at::kBFloat16), pre32.to(at::kBFloat16)};
+  }
+  const bool keep_pre = keeps_preactivation(act, slope);
+  at::Tensor a = at::mm(x, weight.t());
+  if (!a.is_contiguous()) a = a.contiguous();
+  const bool add_bias = has_bias;
+  if (act == kIdentity && !add_bias) return {a, at::empty({0}, a.options())};
+  at::Tensor y = keep_pre ? at::empty_like(a) : a;
+  if (M * N > 0) {
+    VFN_DISPATCH(x.scalar_type(), "linear_act", [&] {
+      using A = acc_t<scalar_t>;
+      std::vector<A> bias_acc;
+      if (add_bias) {
+        auto b = bias_->to(c10::CppTypeToScalarType<A>::value).contiguous();
+        bias_acc.assign(b.const_data_ptr<A>(), b.const_data_ptr<A>() + N);
+      }
+      epilogue_kernel<scalar_t>(a.mutable_data_ptr<scalar_t>(), y.mutable_data_ptr<scalar_t>(),
+                                add_bias ? bias_acc.data() : nullptr, M, N, act, A(slope), keep_pre);
+    });
+  }
+  return {y, keep_pre ? a : at::empty({0}, a.options())};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_act_backward(
+    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& saved_,
+    bool saved_is_output, int64_t act, double slope, std::array<bool, 3> mask) {
+  check_linear(x, weight, act);
+  const int64_t M = x.size(0), N = weight.size(0);
+  TORCH_CHECK(grad_y.dim() == 2 && grad_y.size(0) == M && grad_y.size(1) == N,
+              "vaegan_fast native linear_act_backward: grad_y must be [M, N]");
+  TORCH_CHECK(act == kIdentity || saved_is_output != keeps_preactivation(act, slope),
+              "vaegan_fast native linear_act_backward: saved tensor does not match the activation");
+  auto gy = grad_y.to(x.scalar_type()).contiguous();
+  at::Tensor ga = gy, bias_grad = at::empty({0}, x.options());
+  if (act != kIdentity || mask[2]) {
+    at::Tensor saved = act == kIdentity ? at::Tensor() : saved_.contiguous();
+    if (saved.defined())
+      TORCH_CHECK(saved.sizes() == gy.sizes() && saved.scalar_type() == gy.scalar_type(),
+                  "vaegan_fast native linear_act_backward: saved must be [M, N] of the inputs' dtype");
+    if (act != kIdentity) ga = at::empty_like(gy);
+    VFN_DISPATCH(x.scalar_type(), "linear_act_backward", [&] {
+      using A = acc_t<scalar_t>;
+      std::vector<A> bg(mask[2] ? N : 0);
+      backward_kernel<scalar_t>(gy.const_data_ptr<scalar_t>(),
+                                saved.defined() ? saved.const_data_ptr<scalar_t>() : nullptr,
+                                act != kIdentity ? ga.mutable_data_ptr<scalar_t>() : nullptr,
+                                mask[2] ? bg.data() : nullptr, M, N, act, A(slope));
+      if (mask[2]) {
+        bias_grad = at::empty({N}, x.options());
+        scalar_t* p = bias_grad.mutable_data_ptr<scalar_t>();
+        for (int64_t j = 0; j < N; ++j) p[j] = static_cast<scalar_t>(bg[j]);
+      }
+    });
+  }
+  at::Tensor gx, gw;
+  if (x.scalar_type() == at::kBFloat16) {  // the GEMMs in fp32, as in the forward
+    auto ga32 = ga.to(at::kFloat);
+    gx = mask[0] ? at::mm(ga32, weight.to(at::kFloat)).to(at::kBFloat16) : at::empty({0}, x.options());
+    gw = mask[1] ? at::mm(ga32.t(), x.to(at::kFloat)).to(at::kBFloat16) : at::empty({0}, x.options());
+  } else {
+    gx = mask[0] ? at::mm(ga, weight) : at::empty({0}, x.options());
+    gw = mask[1] ? at::mm(ga.t(), x) : at::empty({0}, x.options());
+  }
+  return {gx, gw, bias_grad};
+}
+
+// ---- autograd (in C++: no Python on the dispatch path) ------------------------------------------------
+namespace {
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+at::Tensor activation_reference(const at::Tensor& a, int64_t act, double slope) {
+  switch (act) {
+    case kRelu: return at::relu(a);
+    case kLeaky: return at::leaky_relu(a, slope);
+    case kTanh: return at::tanh(a);
+    case kSigmoid: return at::sigmoid(a);
+    case kGelu: return at::gelu(a, "tanh");
+    default: return a;
+  }
+}
+
+class LinearActFunction : public torch::autograd::Function<LinearActFunction> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight,
+                               const std::optional<at::Tensor>& bias, int64_t act, double slope) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    static auto op = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("vaegan_fast_native::linear_act", "")
+                         .typed<decltype(linear_act)>();
+    auto [y, pre] = op.call(x, weight, bias, act, slope);
+    const bool keep_pre = keeps_preactivation(act, slope);
+    const bool has_bias = bias.has_value() && bias->defined();
+    ctx->save_for_backward({x, weight, has_bias ? *bias : at::Tensor(), keep_pre ? pre : y});
+    ctx->mark_non_differentiable({pre});
+    ctx->saved_data["act"] = act;
+    ctx->saved_data["slope"] = slope;
+    return {y, pre};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    auto saved = ctx->get_saved_variables();
+    const at::Tensor &x = saved[0], &weight = saved[1], &bias = saved[2], &kept = saved[3];
+    const int64_t act = ctx->saved_data["act"].toInt();
+    const double slope = ctx->saved_data["slope"].toDouble();
+    std::array<bool, 3> mask = {ctx->needs_input_grad(0), ctx->needs_input_grad(1),
+                                bias.defined() && ctx->needs_input_grad(2)};
+    const at::Tensor& gy = grads[0];
+    if (at::GradMode::is_enabled()) {  // create_graph=True: differentiate the ATen reference
+      variable_list wrt;
+      for (const at::Tensor* t : {&x, &weight, &bias})
+        if (t->defined() && t->requires_grad()) wrt.push_back(*t);
+      auto y = activation_reference(at::linear(x, weight, bias.defined() ? std::optional<at::Tensor>(bias)
+                                                                           : std::nullopt), act, slope);
+      auto g = torch::autograd::grad({y}, wrt, {gy}, /*retain_graph=*/true, /*create_graph=*/true,
+                                     /*allow_unused=*/true);
+      variable_list out(5);
+      size_t i = 0;
+      const at::Tensor* all[3] = {&x, &weight, &bias};
+      for (int k = 0; k < 3; ++k)
+        if (all[k]->defined() && all[k]->requires_grad()) {
+          out[k] = mask[k] ? g[i] : at::Tensor();
+          ++i;
+        }
+      return out;
+    }
+    static auto op = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("vaegan_fast_native::linear_act_backward", "")
+                         .typed<decltype(linear_act_backward)>();
+    auto [gx, gw, gb] = op.call(gy, x, weight, kept, !keeps_preactivation(act, slope), act, slope, mask);
+    return {mask[0] ? gx : at::Tensor(), mask[1] ? gw : at::Tensor(), mask[2] ? gb : at::Tensor(),
+            at::Tensor(), at::Tensor()};
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor> linear_act_autograd(const at::Tensor& x, const at::Tensor& weight,
+                                                       const std::optional<at::Tensor>& bias, int64_t act,
+                                                       double slope) {
+  auto out = LinearActFunction::apply(x, weight, bias, act, slope);
+  return {out[0], out[1]};
+}
+}  // namespace
+
+TORCH_LIBRARY_IMPL(vaegan_fast_native, Autograd, m) { m.impl("linear_act", &linear_act_autograd); }
+
+TORCH_LIBRARY_IMPL(vaegan_fast_native, CPU, m) {
+  m.impl("linear_act", &linear_act);
+  m.impl("linear_act_backward", &linear_act_backward);
+}
+
+}  // namespace vaegan_fast_native

@@ -1,0 +1,74 @@
+"""Layer-level primitives of the dense layer for the explicit training step (vaegan_fast/step.py).
+
+    dense_forward(x, W, b, act)  -> (y, saved)        y = act(x @ W^T + b); saved = what backward needs
+    dense_backward(dy, x, W, saved, need_dx, need_dw) -> (dx, dW, db)
+        da = dy * act'(saved);  dx = da @ W  (if need_dx);  dW = da^T @ x,  db = sum_rows da  (if need_dw)
+
+No autograd: the step calls these directly, forming each gradient product only where a loss needs it.
+``saved`` is the output y, from which relu, leaky_relu (positive slope), tanh and sigmoid derive their
+derivative, or the pre-activation for gelu and non-positive leaky slopes (``saves_preactivation``). Each
+backend registers its pair; the reference below is the specification.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from . import _dispatch
+from .linear_act import apply_activation
+
+FORWARD_OP, BACKWARD_OP = "dense_forward", "dense_backward"
+_GELU_C, _GELU_K = 0.7978845608028654, 0.044715
+
+
+def saves_preactivation(activation: str, negative_slope: float) -> bool:
+    """Whether backward needs the pre-activation (else the output suffices)."""
+    return activation == "gelu" or (activation == "leaky_relu" and negative_slope <= 0)
+
+
+def activation_derivative(saved: torch.Tensor, activation: str, negative_slope: float) -> torch.Tensor:
+    """act'(a) from ``saved`` (the output y, or the pre-activation a where saves_preactivation)."""
+    if activation == "identity":
+        return torch.ones_like(saved)
+    if activation == "relu":
+        return (saved > 0).to(saved.dtype)
+    if activation == "leaky_relu":
+        return torch.where(saved > 0, torch.ones_like(saved), torch.full_like(saved, negative_slope))
+    if activation == "tanh":
+        return 1 - saved * saved
+    if activation == "sigmoid":
+        return saved * (1 - saved)
+    if activation == "gelu":
+        t = torch.tanh(_GELU_C * (saved + _GELU_K * saved**3))
+        return 0.5 * (1 + t) + 0.5 * saved * (1 - t * t) * _GELU_C * (1 + 3 * _GELU_K * saved * saved)
+    raise ValueError(f"unknown activation {activation!r}")
+
+
+@_dispatch.register(FORWARD_OP, "reference")
+def dense_forward_reference(x, weight, bias, activation: str, negative_slope: float):
+    a = torch.addmm(bias, x, weight.t()) if bias is not None else x @ weight.t()
+    y = apply_activation(a, activation, negative_slope)
+    return y, (a if saves_preactivation(activation, negative_slope) else y)
+
+
+@_dispatch.register(BACKWARD_OP, "reference")
+def dense_backward_reference(dy, x, weight, saved, has_bias: bool, activation: str, negative_slope: float,
+                             need_dx: bool, need_dw: bool):
+    da = dy if activation == "identity" else dy * activation_derivative(saved, activation, negative_slope)
+    dx = da @ weight if need_dx else None
+    dw = da.t() @ x if need_dw else None
+    db = da.sum(0) if need_dw and has_bias else None
+    return dx, dw, db
+
+
+def dense_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], activation: str,
+                  negative_slope: float, backend: str):
+    _, impl = _dispatch.resolve(FORWARD_OP, backend, x.device)
+    return impl(x, weight, bias, activation, negative_slope)
+
+
+def dense_backward(dy, x, weight, saved, has_bias: bool, activation: str, negative_slope: float, need_dx: bool,
+                   need_dw: bool, backend: str):
+    _, impl = _dispatch.resolve(BACKWARD_OP, backend, dy.device)
+    return impl(dy, x, weight, saved, has_bias, activation, negative_slope, need_dx, need_dw)

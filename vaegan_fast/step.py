@@ -1,0 +1,226 @@
+"""The routed VAE-GAN step for the built-in MLPs, with every vector-Jacobian product formed exactly once.
+
+A straightforward step builds one autograd graph and calls torch.autograd.grad three times. That propagates
+the feature-reconstruction gradient through the discriminator twice, pushes gradients to the discriminator's
+input for the real rows (which nothing needs) and through rows whose upstream gradient is zero, and forms
+products only to drop them. Here the forward pass keeps, per layer, its input and what its backward needs,
+and the backward runs these streams, each on only the rows and layers where it is non-zero:
+
+    discriminator (rows [x; x_p; x_rec], 3B):
+      D: dL_D/ds over all 3B rows, top to bottom, weight gradients, no input gradient at the first layer
+      G: dL_G/ds over the fake rows (x_rec if reconstructions count as fakes, and x_p), top to bottom,
+         input gradients only
+      U: dL_llike/dD_l(x_rec) over the B reconstruction rows, from the feature layer down, input gradients
+         only (the encoder and the decoder share this product: the decoder's is gamma times it)
+    at the discriminator's input (through the sigmoid, plus the pixel term's gradient on the logits):
+      decoder's upstream   on x_rec: s' * (gamma U + G) + w_pix dL_pix,   on x_p: s' * G
+      encoder's upstream   on x_rec: s' * U + w_pix dL_pix
+    decoder (rows [z; z_p], 2B):
+      Dd: the decoder's upstream over 2B rows, weight gradients, no input gradient at the first layer
+      E:  the encoder's upstream over the B rows of z, input gradients only, down to dz
+    encoder (B rows): dz and the KL's gradients through the reparameterization and the logvar clamp, weight
+      gradients, no input gradient at the first layer.
+
+Every loss gradient is written in closed form (d softplus = sigmoid). ``step_flops`` counts the products this
+performs; ``tests/test_step.py`` checks that the gradients equal those of the three-grad step.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .nn.networks import LOGVAR_MAX, LOGVAR_MIN
+from .ops.dense import dense_backward, dense_forward
+from .ops.gan_losses import softplus
+
+
+@dataclass
+class _Layer:
+    weight: torch.Tensor
+    bias: torch.Tensor
+    activation: str
+    negative_slope: float
+
+
+def _layers(fused_linears) -> list:
+    return [_Layer(l.weight, l.bias, l.activation, l.negative_slope) for l in fused_linears]
+
+
+def _forward(layers: list, x: torch.Tensor, backend: str) -> tuple:
+    """Output and, per layer, (input, saved) for the backward streams."""
+    cache = []
+    for layer in layers:
+        y, saved = dense_forward(x, layer.weight, layer.bias, layer.activation, layer.negative_slope, backend)
+        cache.append((x, saved))
+        x = y
+    return x, cache
+
+
+def _backward(layers: list, cache: list, dy: torch.Tensor, rows: slice, top: int, weights: bool,
+              input_grad: bool, backend: str):
+    """Push dy (for cached ``rows``) from layer ``top`` down to layer 0.
+
+    Returns (gradient at layer 0's input or None, {layer index: (dW, db)} when ``weights``).
+    """
+    grads = {}
+    for i in range(top, -1, -1):
+        layer = layers[i]
+        x, saved = cache[i]
+        need_dx = i > 0 or input_grad
+        dx, dw, db = dense_backward(dy, x[rows], layer.weight, saved[rows], layer.bias is not None,
+                                    layer.activation, layer.negative_slope, need_dx, weights, backend)
+        if weights:
+            grads[i] = (dw, db)
+        dy = dx
+    return dy, grads
+
+
+def _param_grads(layers_grads: dict, count: int) -> list:
+    out = []
+    for i in range(count):
+        dw, db = layers_grads[i]
+        out += [dw, db]
+    return out
+
+
+def routed_step_gradients(model, x: torch.Tensor, eps: torch.Tensor, z_prior: torch.Tensor) -> tuple:
+    """({network: [grad per parameter]}, losses) of one VAE-GAN step of ``model``'s built-in MLPs."""
+    cfg, backend = model.config, model.config["backend"]
+    batch = x.shape[0]
+    body = list(model.encoder.body.layers) if hasattr(model.encoder.body, "layers") else []
+    enc_layers = _layers(body + [model.encoder.head])
+    dec_layers = _layers(model.decoder.net.layers)
+    dis_layers = _layers(model.discriminator.net.layers)
+    feature_layer = model.discriminator.feature_layer % (len(dis_layers) - 1)
+    latent = cfg["latent_dim"]
+
+    # ---- forward
+    stats, enc_cache = _forward(enc_layers, x, backend)
+    mu, logvar_raw = stats[:, :latent], stats[:, latent:]
+    logvar = logvar_raw.clamp(LOGVAR_MIN, LOGVAR_MAX)
+    std = torch.exp(0.5 * logvar)
+    noise = std * eps
+    z = mu + noise
+    var = std * std
+    kl = 0.5 * (mu * mu + var - logvar - 1.0).sum(1)
+    # Row order [prior; reconstruction] in the decoder and [real; prior; reconstruction] in the
+    # discriminator: every stream below then works on one contiguous block of rows.
+    logits, dec_cache = _forward(dec_layers, torch.cat([z_prior, z]), backend)
+    images = torch.sigmoid(logits)
+    scores, dis_cache = _forward(dis_layers, torch.cat([x, images]), backend)
+    scores = scores.reshape(3 * batch)
+    s_real, s_prior, s_rec = scores[:batch], scores[batch:2 * batch], scores[2 * batch:]
+    features = dis_cache[feature_layer + 1][0]
+    f_real, f_rec = features[:batch], features[2 * batch:]
+
+    # ---- losses and their gradients in closed form
+    diff = f_rec - f_real
+    llike = 0.5 * (diff * diff).sum(1).mean()
+    d_llike = diff / batch  # d llike / d f_rec
+    fakes_end = 3 * batch if cfg["recon_as_fake"] else 2 * batch  # rows [batch, fakes_end) are the fakes
+    fake_scores = scores[batch:fakes_end]
+    d_real = softplus(-s_real).mean()
+    d_fake = softplus(s_prior).mean()
+    disc_loss = d_real + softplus(fake_scores).reshape(-1, batch).mean(1).sum()
+    grad_scores_d = torch.cat([-torch.sigmoid(-s_real), torch.sigmoid(fake_scores)]) / batch
+    if cfg["saturating"]:
+        gen_loss = -softplus(fake_scores).reshape(-1, batch).mean(1).sum()
+        grad_scores_g = -torch.sigmoid(fake_scores) / batch
+    else:
+        gen_loss = softplus(-fake_scores).reshape(-1, batch).mean(1).sum()
+        grad_scores_g = -torch.sigmoid(-fake_scores) / batch
+    prior = kl.mean()
+    pixel_weight = cfg["pixel_weight"]
+    x_rec_logits = logits[batch:]
+    enc_loss = prior + llike
+    dec_loss = cfg["gamma"] * llike + gen_loss
+    pixel = None
+    if pixel_weight > 0:
+        pixel = torch.nn.functional.binary_cross_entropy_with_logits(x_rec_logits, x, reduction="sum") / batch
+        enc_loss = enc_loss + pixel_weight * pixel
+        dec_loss = dec_loss + pixel_weight * pixel
+
+    # ---- discriminator streams
+    top = len(dis_layers) - 1
+    _, d_grads = _backward(dis_layers, dis_cache, grad_scores_d.unsqueeze(1), slice(0, fakes_end), top, True,
+                           False, backend)
+    g_input, _ = _backward(dis_layers, dis_cache, grad_scores_g.unsqueeze(1), slice(batch, fakes_end), top,
+                           False, True, backend)
+    u_input, _ = _backward(dis_layers, dis_cache, d_llike, slice(2 * batch, None), feature_layer, False, True,
+                           backend)
+
+    # ---- through the sigmoid into the decoder's logits (rows [prior; reconstruction])
+    slope = images * (1 - images)
+    dec_up = torch.zeros_like(images)
+    dec_up[:fakes_end - batch] = g_input
+    dec_up[batch:] += cfg["gamma"] * u_input
+    dec_up = dec_up * slope
+    enc_up = u_input * slope[batch:]
+    if pixel is not None:
+        d_pixel = pixel_weight * (images[batch:] - x) / batch
+        dec_up[batch:] += d_pixel
+        enc_up = enc_up + d_pixel
+
+    # ---- decoder streams
+    top = len(dec_layers) - 1
+    _, dd_grads = _backward(dec_layers, dec_cache, dec_up, slice(None), top, True, False, backend)
+    dz, _ = _backward(dec_layers, dec_cache, enc_up, slice(batch, None), top, False, True, backend)
+
+    # ---- encoder: reparameterization, KL and the clamp, then the MLP
+    d_mu = dz + mu / batch
+    d_logvar = 0.5 * dz * noise + 0.5 * (var - 1.0) / batch
+    d_logvar = d_logvar * ((logvar_raw >= LOGVAR_MIN) & (logvar_raw <= LOGVAR_MAX))
+    _, e_grads = _backward(enc_layers, enc_cache, torch.cat([d_mu, d_logvar], 1), slice(None),
+                           len(enc_layers) - 1, True, False, backend)
+
+    grads = {"encoder": _param_grads(e_grads, len(enc_layers)),
+             "decoder": _param_grads(dd_grads, len(dec_layers)),
+             "discriminator": _param_grads(d_grads, len(dis_layers))}
+    losses = {"encoder": enc_loss, "decoder": dec_loss, "discriminator": disc_loss, "kl": prior, "llike": llike,
+              "generator": gen_loss, "d_real": d_real, "d_fake": d_fake}
+    if pixel is not None:
+        losses["pixel"] = pixel
+    return grads, losses
+
+
+def step_flops(model, batch: int, routed: bool = True) -> int:
+    """Matrix-product FLOPs of one step (2 per multiply-add) for the built-in MLPs.
+
+    ``routed=True`` counts this module's step; ``routed=False`` the straightforward three-grad step, in
+    which autograd propagates through all 3B discriminator rows for the encoder's and the decoder's losses
+    and through both decoder passes for the encoder's.
+    """
+    def sizes(mlp):
+        return [(l.in_features, l.out_features) for l in mlp.layers]
+
+    enc = sizes(model.encoder.body) if hasattr(model.encoder.body, "layers") else []
+    enc = enc + [(model.encoder.head.in_features, model.encoder.head.out_features)]
+    dec, dis = sizes(model.decoder.net), sizes(model.discriminator.net)
+    feature_layer = model.discriminator.feature_layer % (len(dis) - 1)
+
+    def fwd(layers, rows):
+        return sum(2 * rows * k * n for k, n in layers)
+
+    def input_grads(layers, rows, skip_first=False, top=None):
+        layers = layers[: (top + 1) if top is not None else None]
+        return sum(2 * rows * k * n for i, (k, n) in enumerate(layers) if i > 0 or not skip_first)
+
+    b = batch
+    total = fwd(enc, b) + fwd(dec, 2 * b) + fwd(dis, 3 * b)  # forward
+    # A weight gradient needs the upstream gradient at its layer: input gradients above the first layer.
+    total += fwd(enc, b) + input_grads(enc, b, skip_first=True)  # the encoder's own backward
+    if routed:
+        d_rows = 3 * b if model.config["recon_as_fake"] else 2 * b
+        fakes = d_rows - b
+        total += fwd(dis, d_rows) + input_grads(dis, d_rows, skip_first=True)  # D
+        total += input_grads(dis, fakes)  # G
+        total += input_grads(dis, b, top=feature_layer)  # U
+        total += fwd(dec, 2 * b) + input_grads(dec, 2 * b, skip_first=True)  # Dd
+        total += input_grads(dec, b)  # E
+    else:
+        # Each autograd.grad call propagates through whole batched tensors: all 3B discriminator rows.
+        total += input_grads(dis, 3 * b, top=feature_layer) + input_grads(dec, b)  # the encoder's call
+        total += fwd(dec, 2 * b) + input_grads(dec, 2 * b, skip_first=True) + input_grads(dis, 3 * b)  # decoder's
+        total += fwd(dis, 3 * b) + input_grads(dis, 3 * b, skip_first=True)  # the discriminator's call
+    return total
