@@ -7,6 +7,7 @@ import torch
 
 from vaegan_fast import Model
 from vaegan_fast.model import NETWORKS
+from vaegan_fast.ops import available_backends
 from vaegan_fast.step import routed_step_gradients, step_flops
 
 SIZES = dict(input_dim=21, latent_dim=4, encoder_hidden=(13, 9), decoder_hidden=(9, 13),
@@ -26,9 +27,14 @@ def three_grad_and_routed(model, x):
     return reference, routed, losses
 
 
+# fp64 runs on the CPU backends (the Triton backend's step is checked by tests/test_triton_model.py).
+CPU_BACKENDS = [b for b in ("reference", "native") if b in available_backends("cpu", "dense_forward")]
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("options", OPTIONS, ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()))
-def test_routed_gradients_equal_the_three_grad_step(options):
-    model = Model(**SIZES, **options, activation="leaky_relu").double()
+def test_routed_gradients_equal_the_three_grad_step(options, backend):
+    model = Model(**SIZES, **options, activation="leaky_relu", backend=backend).double()
     x = torch.rand(7, 21, dtype=torch.float64)
     with torch.no_grad():  # push some logvars into the clamp so its gradient mask is exercised
         model.encoder.head.bias[4:6] = torch.tensor([40.0, -40.0], dtype=torch.float64)
@@ -39,9 +45,10 @@ def test_routed_gradients_equal_the_three_grad_step(options):
             torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12, msg=f"{name} parameter {i}")
 
 
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("activation", ["relu", "tanh", "sigmoid", "gelu", "identity"])
-def test_routed_gradients_for_every_activation(activation):
-    model = Model(**SIZES, activation=activation).double()
+def test_routed_gradients_for_every_activation(activation, backend):
+    model = Model(**SIZES, activation=activation, backend=backend).double()
     reference, routed, _ = three_grad_and_routed(model, torch.rand(5, 21, dtype=torch.float64))
     for name in NETWORKS:
         for got, want in zip(routed[name], reference[name]):

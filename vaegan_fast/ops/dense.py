@@ -19,30 +19,11 @@ from . import _dispatch
 from .linear_act import apply_activation
 
 FORWARD_OP, BACKWARD_OP = "dense_forward", "dense_backward"
-_GELU_C, _GELU_K = 0.7978845608028654, 0.044715
 
 
 def saves_preactivation(activation: str, negative_slope: float) -> bool:
     """Whether backward needs the pre-activation (else the output suffices)."""
     return activation == "gelu" or (activation == "leaky_relu" and negative_slope <= 0)
-
-
-def activation_derivative(saved: torch.Tensor, activation: str, negative_slope: float) -> torch.Tensor:
-    """act'(a) from ``saved`` (the output y, or the pre-activation a where saves_preactivation)."""
-    if activation == "identity":
-        return torch.ones_like(saved)
-    if activation == "relu":
-        return (saved > 0).to(saved.dtype)
-    if activation == "leaky_relu":
-        return torch.where(saved > 0, torch.ones_like(saved), torch.full_like(saved, negative_slope))
-    if activation == "tanh":
-        return 1 - saved * saved
-    if activation == "sigmoid":
-        return saved * (1 - saved)
-    if activation == "gelu":
-        t = torch.tanh(_GELU_C * (saved + _GELU_K * saved**3))
-        return 0.5 * (1 + t) + 0.5 * saved * (1 - t * t) * _GELU_C * (1 + 3 * _GELU_K * saved * saved)
-    raise ValueError(f"unknown activation {activation!r}")
 
 
 @_dispatch.register(FORWARD_OP, "reference")
@@ -52,10 +33,28 @@ def dense_forward_reference(x, weight, bias, activation: str, negative_slope: fl
     return y, (a if saves_preactivation(activation, negative_slope) else y)
 
 
+def _activation_backward(dy, saved, activation: str, negative_slope: float):
+    """dy * act'(.) with ATen's own activation-backward kernels (what eager autograd runs: one pass)."""
+    aten = torch.ops.aten
+    if activation == "identity":
+        return dy
+    if activation == "relu":
+        return aten.threshold_backward(dy, saved, 0)
+    if activation == "leaky_relu":
+        if negative_slope > 0:  # saved is y, whose sign is the pre-activation's
+            return aten.leaky_relu_backward(dy, saved, negative_slope, True)
+        return aten.leaky_relu_backward(dy, saved, negative_slope, False)
+    if activation == "tanh":
+        return aten.tanh_backward(dy, saved)
+    if activation == "sigmoid":
+        return aten.sigmoid_backward(dy, saved)
+    return aten.gelu_backward(dy, saved, approximate="tanh")
+
+
 @_dispatch.register(BACKWARD_OP, "reference")
 def dense_backward_reference(dy, x, weight, saved, has_bias: bool, activation: str, negative_slope: float,
                              need_dx: bool, need_dw: bool):
-    da = dy if activation == "identity" else dy * activation_derivative(saved, activation, negative_slope)
+    da = _activation_backward(dy, saved, activation, negative_slope)
     dx = da @ weight if need_dx else None
     dw = da.t() @ x if need_dw else None
     db = da.sum(0) if need_dw and has_bias else None
