@@ -79,6 +79,9 @@ def main(argv=None) -> int:
         except (NonFiniteLossError, FileExistsError, FileNotFoundError, ValueError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 1
+        finally:
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                torch.distributed.destroy_process_group()
         return 0
     if args.command == "evaluate":
         import json

@@ -131,6 +131,7 @@ class Model(nn.Module):
         self.register_buffer("gate_skips", torch.zeros(2, dtype=torch.long))
         self.step = 0
         self._generator: Optional[torch.Generator] = None
+        self.data_parallel = None  # a vaegan_fast.distributed.DataParallel once enable_data_parallel() ran
 
     # ----------------------------------------------------------------------------------------- building
     @classmethod
@@ -164,6 +165,29 @@ class Model(nn.Module):
         if network not in NETWORKS:
             raise ValueError(f"network must be one of {NETWORKS}, got {network!r}")
         return list(getattr(self, network).parameters())
+
+    def enable_data_parallel(self, group=None) -> "Model":
+        """Train data-parallel over torch.distributed's (initialised) ``group``; see vaegan_fast.distributed.
+
+        Each process then passes its slice of the global batch to train_step.
+        """
+        from .distributed import DataParallel
+        self.data_parallel = DataParallel.current(group)
+        return self
+
+    def _draw_noise(self, batch: int, count: int, dtype: torch.dtype) -> list:
+        """``count`` standard-normal [batch, latent] draws from the training stream, in order.
+
+        Data-parallel, each is this rank's slice of one draw for the global batch, so N processes use the
+        same numbers as one process on the concatenated batch.
+        """
+        gen, dp, latent = self._rng(), self.data_parallel, self.config["latent_dim"]
+        rows = batch * (dp.world_size if dp is not None else 1)
+        draws = [torch.randn(rows, latent, generator=gen, device=self.device, dtype=dtype) for _ in range(count)]
+        if dp is not None:
+            local = slice(dp.rank * batch, (dp.rank + 1) * batch)
+            draws = [d[local] for d in draws]
+        return draws
 
     def _rng(self) -> torch.Generator:
         """The generator of eps and z_p, on the model's device, seeded from the model's seed."""
@@ -233,10 +257,9 @@ class Model(nn.Module):
             return self._gan_losses(x)
         cfg, backend = self.config, self.config["backend"]
         batch = x.shape[0]
-        gen = self._rng()
+        eps, z_prior = self._draw_noise(batch, 2, x.dtype)
         mu, logvar = self.encoder(x)
-        z, kl = reparam_kl(mu, logvar, generator=gen, backend=backend)
-        z_prior = torch.randn(z.shape, generator=gen, device=z.device, dtype=z.dtype)
+        z, kl = reparam_kl(mu, logvar, eps, backend=backend)
         rec_logits = self.decoder(z)
         prior_logits = self.decoder(z_prior)
         scores, features = self.discriminator(
@@ -267,15 +290,15 @@ class Model(nn.Module):
 
     def _vae_losses(self, x: torch.Tensor) -> dict:
         mu, logvar = self.encoder(x)
-        z, kl = reparam_kl(mu, logvar, generator=self._rng(), backend=self.config["backend"])
+        (eps,) = self._draw_noise(x.shape[0], 1, x.dtype)
+        z, kl = reparam_kl(mu, logvar, eps, backend=self.config["backend"])
         prior, pixel = kl.mean(), self._pixel_loss(self.decoder(z), x)
         weighted = self.config["pixel_weight"] * pixel
         return {"encoder": prior + weighted, "decoder": weighted, "kl": prior, "pixel": pixel}
 
     def _gan_losses(self, x: torch.Tensor) -> dict:
         backend, batch = self.config["backend"], x.shape[0]
-        z_prior = torch.randn(batch, self.config["latent_dim"], generator=self._rng(), device=x.device,
-                              dtype=x.dtype)
+        (z_prior,) = self._draw_noise(batch, 1, x.dtype)
         scores, _ = self.discriminator(torch.cat([x, torch.sigmoid(self.decoder(z_prior))]))
         s_real, s_prior = scores.reshape(2 * batch).split(batch)
         gen_loss = generator_loss(s_prior, saturating=self.config["saturating"], backend=backend)
@@ -332,19 +355,28 @@ class Model(nn.Module):
     def train_step(self, x: torch.Tensor) -> dict:
         """One VAE-GAN update of all three networks; returns detached 0-dim tensors on the model's device."""
         x = self._check_batch(x)
-        grads = None
+        dp = self.data_parallel
+        grads, pending = None, {}
         if self.uses_routed_step:
             # Built-in MLPs: each vector-Jacobian product formed once, without autograd (vaegan_fast/step.py).
-            gen, shape = self._rng(), (x.shape[0], self.config["latent_dim"])
+            def start_average(name, net_grads):
+                if dp is not None:
+                    pending[name] = dp.start_average(net_grads)
+
             with torch.no_grad():
-                eps = torch.randn(shape, generator=gen, device=x.device, dtype=x.dtype)
-                z_prior = torch.randn(shape, generator=gen, device=x.device, dtype=x.dtype)
-                grads, losses = routed_step_gradients(self, x, eps, z_prior)
+                eps, z_prior = self._draw_noise(x.shape[0], 2, x.dtype)
+                grads, losses = routed_step_gradients(self, x, eps, z_prior, start_average)
         else:
             losses = self._losses(x)
+        if dp is not None:
+            # One all-reduce for every reported loss, the gate's statistics among them: all ranks decide alike.
+            keys = list(losses)
+            report = dict(zip(keys, dp.average_(torch.stack([losses[k].detach() for k in keys])).unbind()))
+        else:
+            report = losses
         trained = list(MODES[self.config["mode"]])
         if "d_real" in losses:
-            train_disc, train_dec = self.gate_decisions(losses["d_real"], losses["d_fake"])
+            train_disc, train_dec = self.gate_decisions(report["d_real"], report["d_fake"])
         else:
             train_disc = train_dec = torch.ones((), dtype=torch.bool, device=x.device)
         gates = {"discriminator": train_disc, "decoder": train_dec}
@@ -356,6 +388,10 @@ class Model(nn.Module):
             trained = [n for n in trained if bool(gates.get(n, True))]  # reads the decision on the host
         if grads is None:
             grads = self.routed_gradients(losses, trained)
+            if dp is not None:
+                pending = {name: dp.start_average(net_grads) for name, net_grads in grads.items()}
+        for name, work in pending.items():
+            grads[name] = dp.finish_average(work)
         # All gradients are taken before any parameter changes in place.
         for name in trained:
             for p, g in zip(self.parameters_of(name), grads[name]):
@@ -366,11 +402,11 @@ class Model(nn.Module):
         self.step += 1
         stats = {"train_discriminator": train_disc, "train_decoder": train_dec}
         for name in ("encoder", "decoder", "discriminator", "generator"):
-            if name in losses:
-                stats[f"{name}_loss"] = losses[name]
+            if name in report:
+                stats[f"{name}_loss"] = report[name]
         for name in ("kl", "llike", "pixel", "d_real", "d_fake"):
-            if name in losses:
-                stats[name] = losses[name]
+            if name in report:
+                stats[name] = report[name]
         return {k: v.detach() for k, v in stats.items()}
 
     # ----------------------------------------------------------------------------------------- checkpoints

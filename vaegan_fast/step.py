@@ -84,8 +84,15 @@ def _param_grads(layers_grads: dict, count: int) -> list:
     return out
 
 
-def routed_step_gradients(model, x: torch.Tensor, eps: torch.Tensor, z_prior: torch.Tensor) -> tuple:
-    """({network: [grad per parameter]}, losses) of one VAE-GAN step of ``model``'s built-in MLPs."""
+def routed_step_gradients(model, x: torch.Tensor, eps: torch.Tensor, z_prior: torch.Tensor,
+                          on_network_done=None) -> tuple:
+    """({network: [grad per parameter]}, losses) of one VAE-GAN step of ``model``'s built-in MLPs.
+
+    ``on_network_done(name, grads)``, if given, is called as soon as each network's gradients are complete
+    (discriminator, decoder, encoder, in that order): data-parallel training starts its all-reduce there,
+    overlapping communication with the rest of the backward pass.
+    """
+    done = on_network_done or (lambda name, grads: None)
     cfg, backend = model.config, model.config["backend"]
     batch = x.shape[0]
     body = list(model.encoder.body.layers) if hasattr(model.encoder.body, "layers") else []
@@ -145,6 +152,8 @@ def routed_step_gradients(model, x: torch.Tensor, eps: torch.Tensor, z_prior: to
     top = len(dis_layers) - 1
     _, d_grads = _backward(dis_layers, dis_cache, grad_scores_d.unsqueeze(1), slice(0, fakes_end), top, True,
                            False, backend)
+    grads = {"discriminator": _param_grads(d_grads, len(dis_layers))}
+    done("discriminator", grads["discriminator"])
     g_input, _ = _backward(dis_layers, dis_cache, grad_scores_g.unsqueeze(1), slice(batch, fakes_end), top,
                            False, True, backend)
     u_input, _ = _backward(dis_layers, dis_cache, d_llike, slice(2 * batch, None), feature_layer, False, True,
@@ -165,6 +174,8 @@ def routed_step_gradients(model, x: torch.Tensor, eps: torch.Tensor, z_prior: to
     # ---- decoder streams
     top = len(dec_layers) - 1
     _, dd_grads = _backward(dec_layers, dec_cache, dec_up, slice(None), top, True, False, backend)
+    grads["decoder"] = _param_grads(dd_grads, len(dec_layers))
+    done("decoder", grads["decoder"])
     dz, _ = _backward(dec_layers, dec_cache, enc_up, slice(batch, None), top, False, True, backend)
 
     # ---- encoder: reparameterization, KL and the clamp, then the MLP
@@ -174,9 +185,8 @@ def routed_step_gradients(model, x: torch.Tensor, eps: torch.Tensor, z_prior: to
     _, e_grads = _backward(enc_layers, enc_cache, torch.cat([d_mu, d_logvar], 1), slice(None),
                            len(enc_layers) - 1, True, False, backend)
 
-    grads = {"encoder": _param_grads(e_grads, len(enc_layers)),
-             "decoder": _param_grads(dd_grads, len(dec_layers)),
-             "discriminator": _param_grads(d_grads, len(dis_layers))}
+    grads["encoder"] = _param_grads(e_grads, len(enc_layers))
+    done("encoder", grads["encoder"])
     losses = {"encoder": enc_loss, "decoder": dec_loss, "discriminator": disc_loss, "kl": prior, "llike": llike,
               "generator": gen_loss, "d_real": d_real, "d_fake": d_fake}
     if pixel is not None:

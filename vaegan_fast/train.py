@@ -3,12 +3,14 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from pathlib import Path
 
 import torch
 
 from .data import BatchStream, load_dataset
+from .distributed import init_from_environment
 from .images import save_grid
 from .model import Model
 
@@ -47,7 +49,13 @@ def write_grids(model: Model, data, out: Path, tag: str, n: int = 64) -> None:
 def train(model_kwargs: dict, *, data: str, steps: int, batch_size: int, out: str, preset: str = "seed",
           resume: bool = False, device: str = "cpu", seed: int = 0, checkpoint_every: int = 500,
           grid_every: int = 500, log_every: int = 10, progress: bool = True) -> Model:
-    """Train to ``steps`` total steps, resuming from ``out/checkpoint.pt`` when ``resume`` is set."""
+    """Train to ``steps`` total steps, resuming from ``out/checkpoint.pt`` when ``resume`` is set.
+
+    Under torchrun (WORLD_SIZE > 1) every process trains data-parallel on its slice of each global batch of
+    ``batch_size`` rows (vaegan_fast.distributed); rank 0 alone logs, draws grids and writes checkpoints.
+    """
+    dp = init_from_environment(device)
+    main_rank = dp is None or dp.rank == 0
     out_dir = Path(out)
     ckpt_path, metrics_path = out_dir / CHECKPOINT_NAME, out_dir / METRICS_NAME
     if resume and ckpt_path.exists():
@@ -62,29 +70,35 @@ def train(model_kwargs: dict, *, data: str, steps: int, batch_size: int, out: st
         if ckpt_path.exists():
             raise FileExistsError(f"{ckpt_path} exists: pass --resume to continue it, or choose another --out")
         model = Model.preset(preset, seed=seed, **model_kwargs).to(device)
-        if metrics_path.exists():
+        if dp is not None:
+            torch.distributed.barrier()  # every rank has checked for an old checkpoint before rank 0 writes
+        if metrics_path.exists() and main_rank:
             metrics_path.unlink()
     dataset = load_dataset(data)
     if dataset.dim != model.config["input_dim"]:
         raise ValueError(f"data {data!r} has {dataset.dim} values per image but the model expects "
                          f"{model.config['input_dim']}: set input_dim to match")
     stream = BatchStream(dataset, batch_size, seed=seed, device=device)
+    rows = slice(None)
+    if dp is not None:
+        model.enable_data_parallel()
+        rows = dp.local_rows(batch_size)
     run_info = {"data": data, "batch_size": batch_size, "seed": seed}
 
     def save() -> None:
-        if _all_finite(model):  # never replace a good checkpoint with poisoned weights
+        if main_rank and _all_finite(model):  # never replace a good checkpoint with poisoned weights
             model.save(ckpt_path, extra=run_info)
 
     out_dir.mkdir(parents=True, exist_ok=True)
     bar = None
-    if progress:
+    if progress and main_rank:
         from tqdm import tqdm
         bar = tqdm(total=steps, initial=model.step, unit="step", dynamic_ncols=True)
     start, start_step = time.perf_counter(), model.step
     try:
-        with open(metrics_path, "a") as log:
+        with open(metrics_path, "a") if main_rank else open(os.devnull, "w") as log:
             while model.step < steps:
-                stats = model.train_step(stream.batch(model.step))
+                stats = model.train_step(stream.batch(model.step)[rows])
                 step = model.step
                 if step % log_every == 0 or step == steps:
                     values = {k: float(v) for k, v in stats.items()}
@@ -103,16 +117,18 @@ def train(model_kwargs: dict, *, data: str, steps: int, batch_size: int, out: st
                     bar.update(1)
                 if step % checkpoint_every == 0:
                     save()
-                if step % grid_every == 0:
+                if step % grid_every == 0 and main_rank:
                     write_grids(model, dataset, out_dir, f"{step:07d}")
     except KeyboardInterrupt:
         save()
         if bar is not None:
             bar.close()
-        print(f"\ninterrupted at step {model.step}; checkpoint saved to {ckpt_path} (continue with --resume)")
+        if main_rank:
+            print(f"\ninterrupted at step {model.step}; checkpoint saved to {ckpt_path} (continue with --resume)")
         raise
     if bar is not None:
         bar.close()
     save()
-    write_grids(model, dataset, out_dir, "final")
+    if main_rank:
+        write_grids(model, dataset, out_dir, "final")
     return model

@@ -1,0 +1,85 @@
+"""Data-parallel training on torch.distributed (gloo on this CPU): N processes compute what one process
+computes on the concatenated batch, and checkpoints move between process counts."""
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from vaegan_fast import Model
+
+SIZES = dict(input_dim=20, latent_dim=3, encoder_hidden=(12, 7), decoder_hidden=(7, 12),
+             discriminator_hidden=(11, 6))
+CASES = {"routed step": dict(), "gated": dict(gating=True, equilibrium=0.9, margin=0.2),
+         "autograd path (vae)": dict(mode="vae")}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def batches():
+    gen = torch.Generator().manual_seed(11)
+    return [torch.rand(8, 20, generator=gen, dtype=torch.float64) for _ in range(4)]
+
+
+def _worker(rank, world, port, options, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        torch.set_num_threads(1)
+        model = Model(**SIZES, **options).double().enable_data_parallel()
+        rows = model.data_parallel.local_rows(8)
+        stats = [model.train_step(x[rows]) for x in batches()]
+        if rank == 0:
+            torch.save({"weights": model.state_dict(), "stats": stats}, out)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("options", CASES.values(), ids=CASES.keys())
+def test_two_processes_equal_one_process_on_the_concatenated_batch(tmp_path, options):
+    mp.spawn(_worker, args=(2, free_port(), options, str(tmp_path / "r.pt")), nprocs=2, join=True)
+    parallel = torch.load(tmp_path / "r.pt", weights_only=True)
+    single = Model(**SIZES, **options).double()
+    stats = [single.train_step(x) for x in batches()]
+    for (name, want), got in zip(single.state_dict().items(), parallel["weights"].values()):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12, msg=name)
+    for want, got in zip(stats, parallel["stats"]):
+        for key in want:
+            torch.testing.assert_close(got[key].double(), want[key].double(), rtol=1e-9, atol=1e-12, msg=key)
+
+
+TRAIN = ["-m", "vaegan_fast", "train", "--data", "synthetic", "--batch-size", "16", "--no-progress",
+         "--log-every", "1", "--device", "cpu"]
+
+
+def run(command, out, steps, *extra):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([*command, *TRAIN, "--steps", str(steps), "--out", str(out), *extra],
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+
+def losses(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_torchrun_trains_data_parallel_and_resumes_on_one_process(tmp_path):
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port",
+                str(free_port())]
+    run(torchrun, tmp_path / "dp", 2)
+    run([sys.executable], tmp_path / "dp", 4, "--resume")  # the same checkpoint, now on one process
+    run([sys.executable], tmp_path / "single", 4)
+    for got, want in zip(losses(tmp_path / "dp"), losses(tmp_path / "single")):
+        assert got["step"] == want["step"]
+        for key in ("encoder_loss", "decoder_loss", "discriminator_loss", "kl"):
+            assert got[key] == pytest.approx(want[key], rel=1e-4), (got["step"], key)
+    assert len(losses(tmp_path / "dp")) == 4
