@@ -6,16 +6,17 @@ input for the real rows (which nothing needs) and through rows whose upstream gr
 products only to drop them. Here the forward pass keeps, per layer, its input and what its backward needs,
 and the backward runs these streams, each on only the rows and layers where it is non-zero:
 
-    discriminator (rows [x; x_p; x_rec], 3B):
-      D: dL_D/ds over all 3B rows, top to bottom, weight gradients, no input gradient at the first layer
-      G: dL_G/ds over the fake rows (x_rec if reconstructions count as fakes, and x_p), top to bottom,
+    discriminator (rows [x; x_p; x_rec], 3B; the order puts every stream on one contiguous block):
+      D: dL_D/ds over the rows L_D reads (all 3B, or [x; x_p] when reconstructions are not fakes), top to
+         bottom, weight gradients, no input gradient at the first layer
+      G: dL_G/ds over the fake rows (x_p, and x_rec if reconstructions count as fakes), top to bottom,
          input gradients only
       U: dL_llike/dD_l(x_rec) over the B reconstruction rows, from the feature layer down, input gradients
          only (the encoder and the decoder share this product: the decoder's is gamma times it)
     at the discriminator's input (through the sigmoid, plus the pixel term's gradient on the logits):
       decoder's upstream   on x_rec: s' * (gamma U + G) + w_pix dL_pix,   on x_p: s' * G
       encoder's upstream   on x_rec: s' * U + w_pix dL_pix
-    decoder (rows [z; z_p], 2B):
+    decoder (rows [z_p; z], 2B):
       Dd: the decoder's upstream over 2B rows, weight gradients, no input gradient at the first layer
       E:  the encoder's upstream over the B rows of z, input gradients only, down to dz
     encoder (B rows): dz and the KL's gradients through the reparameterization and the logvar clamp, weight
