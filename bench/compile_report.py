@@ -43,7 +43,10 @@ def find_cuobjdump() -> str | None:
 
 
 def compile_spec(spec, arch: int):
-    return triton.compile(ASTSource(fn=spec.kernel, signature=spec.signature, constexprs=spec.constexprs),
+    # The same attribute the JIT attaches to an argument it finds divisible by 16 (triton 3.3 and later).
+    attrs = {(spec.kernel.arg_names.index(name),): [["tt.divisibility", 16]] for name in spec.divisible}
+    return triton.compile(ASTSource(fn=spec.kernel, signature=spec.signature, constexprs=spec.constexprs,
+                                    attrs=attrs),
                           target=GPUTarget("cuda", arch, 32),
                           options={"num_warps": spec.num_warps, "num_stages": spec.num_stages})
 

@@ -70,6 +70,9 @@ class CompileSpec:
     num_warps: int = 4
     num_stages: int = 3
     default: bool = False  # True for the configuration CI compiles for sm_90
+    # Arguments the JIT would mark divisible by 16 (pointers, sizes, strides) in the specialisation this
+    # configuration stands for; empty for the no-alignment worst case.
+    divisible: tuple = ()
     meta: dict = field(default_factory=dict)
 
 

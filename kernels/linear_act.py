@@ -44,6 +44,20 @@ _GELU_KAPPA = 0.044715
 
 
 @triton.jit
+def _aligned(v, ALIGN: tl.constexpr):
+    """v, rebuilt as a visible multiple of ALIGN (exact: the launcher passes ALIGN=16 only for multiples of 16).
+
+    The kernels opt out of the JIT's own value specialisation (do_not_specialize), so each configuration
+    compiles to exactly two variants, ALIGN=16 and ALIGN=1, both of which bench/compile_report.py checks for
+    spills; with ALIGN=16 the compiler still learns what it needs for 16-byte vector loads, cp.async /
+    TMA-style pipelining and unmasked-in-effect K steps.
+    """
+    if ALIGN > 1:
+        v = v // ALIGN * ALIGN
+    return v
+
+
+@triton.jit
 def _apply_act(a, ACT: tl.constexpr, slope):
     """act(a) for the ACT codes above; a is in the compute dtype."""
     if ACT == 1:
@@ -79,10 +93,10 @@ def _act_grad(s, ACT: tl.constexpr, slope):
     return g
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M", "N", "K", "s_xm", "s_wn", "s_b"])
 def linear_act_fwd_kernel(
-    x_ptr,  # [M, K] input, any strides
-    w_ptr,  # [N, K] weight (nn.Linear layout), any strides
+    x_ptr,  # [M, K] input, any row stride, unit column stride
+    w_ptr,  # [N, K] weight (nn.Linear layout), any row stride, unit column stride
     b_ptr,  # [N] bias, any stride (not read when HAS_BIAS is False)
     y_ptr,  # [M, N] output act(a), contiguous
     a_ptr,  # [M, N] output pre-activation a, contiguous (written only when SAVE_PREACT)
@@ -90,9 +104,7 @@ def linear_act_fwd_kernel(
     N,  # output features
     K,  # input features
     s_xm,  # row stride of x
-    s_xk,  # column stride of x
     s_wn,  # row stride of W
-    s_wk,  # column stride of W
     s_b,  # stride of bias
     slope,  # leaky_relu negative slope
     HAS_BIAS: tl.constexpr,  # add the bias in the epilogue
@@ -105,7 +117,9 @@ def linear_act_fwd_kernel(
     BLOCK_N: tl.constexpr,  # columns of the output tile
     BLOCK_K: tl.constexpr,  # reduction step
     GROUP_M: tl.constexpr,  # row-tiles per group in the program order (L2 reuse of W tiles)
+    ALIGN: tl.constexpr,  # 16 when N, K, the row strides and the pointers are multiples of 16, else 1
 ):
+    N, K, s_xm, s_wn = _aligned(N, ALIGN), _aligned(K, ALIGN), _aligned(s_xm, ALIGN), _aligned(s_wn, ALIGN)
     pid = tl.program_id(0)
     grid_m = tl.cdiv(M, BLOCK_M)
     grid_n = tl.cdiv(N, BLOCK_N)
@@ -120,17 +134,19 @@ def linear_act_fwd_kernel(
     rk = tl.arange(0, BLOCK_K)
     m_ok = rm < M
     n_ok = rn < N
-    # Tile pointers built once (64-bit row offsets), then advanced by BLOCK_K columns per step.
-    x_ptrs = x_ptr + rm.to(tl.int64)[:, None] * s_xm + rk[None, :] * s_xk
-    w_ptrs = w_ptr + rn.to(tl.int64)[None, :] * s_wn + rk[:, None] * s_wk
+    # Tile pointers built once (64-bit row offsets), then advanced by BLOCK_K columns per step. The unit
+    # column stride is structural (the launcher guarantees it): the compiler sees contiguous K runs and
+    # vectorises / pipelines the loads instead of gathering element by element.
+    x_ptrs = x_ptr + rm.to(tl.int64)[:, None] * s_xm + rk[None, :]
+    w_ptrs = w_ptr + rn.to(tl.int64)[None, :] * s_wn + rk[:, None]
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=COMPUTE)
     for k0 in range(0, K, BLOCK_K):
         k_ok = rk < K - k0
         xt = tl.load(x_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
         wt = tl.load(w_ptrs, mask=n_ok[None, :] & k_ok[:, None], other=0.0)
         acc = tl.dot(xt.to(DOT), wt.to(DOT), acc, input_precision=PRECISION, out_dtype=COMPUTE)
-        x_ptrs += BLOCK_K * s_xk
-        w_ptrs += BLOCK_K * s_wk
+        x_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K
     if HAS_BIAS:
         acc += tl.load(b_ptr + rn * s_b, mask=n_ok, other=0.0).to(COMPUTE)[None, :]
     out = rm.to(tl.int64)[:, None] * N + rn[None, :]
@@ -141,19 +157,17 @@ def linear_act_fwd_kernel(
     tl.store(y_ptr + out, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M", "N", "K", "s_dym", "s_wn"])
 def linear_act_bwd_dx_kernel(
-    dy_ptr,  # [M, N] incoming gradient of y, any strides
+    dy_ptr,  # [M, N] incoming gradient of y, any row stride, unit column stride
     s_ptr,  # [M, N] saved tensor (y, or a when the derivative needs it), contiguous
-    w_ptr,  # [N, K] weight, any strides
+    w_ptr,  # [N, K] weight, any row stride, unit column stride
     dx_ptr,  # [M, K] output gradient of x, contiguous
     M,  # rows
     N,  # output features (the reduction dimension here)
     K,  # input features
     s_dym,  # row stride of dy
-    s_dyn,  # column stride of dy
     s_wn,  # row stride of W
-    s_wk,  # column stride of W
     slope,  # leaky_relu negative slope
     ACT: tl.constexpr,  # activation code
     COMPUTE: tl.constexpr,  # accumulator dtype
@@ -164,7 +178,9 @@ def linear_act_bwd_dx_kernel(
     BLOCK_N: tl.constexpr,  # reduction step over N
     BLOCK_K: tl.constexpr,  # columns of the dx tile
     GROUP_M: tl.constexpr,  # row-tiles per group in the program order
+    ALIGN: tl.constexpr,  # 16 when N, K, the row strides and the pointers are multiples of 16, else 1
 ):
+    N, K, s_dym, s_wn = _aligned(N, ALIGN), _aligned(K, ALIGN), _aligned(s_dym, ALIGN), _aligned(s_wn, ALIGN)
     pid = tl.program_id(0)
     grid_m = tl.cdiv(M, BLOCK_M)
     grid_k = tl.cdiv(K, BLOCK_K)
@@ -180,9 +196,9 @@ def linear_act_bwd_dx_kernel(
     m_ok = rm < M
     k_ok = rk < K
     rm64 = rm.to(tl.int64)
-    dy_ptrs = dy_ptr + rm64[:, None] * s_dym + rn[None, :] * s_dyn
+    dy_ptrs = dy_ptr + rm64[:, None] * s_dym + rn[None, :]
     s_ptrs = s_ptr + rm64[:, None] * N + rn[None, :]
-    w_ptrs = w_ptr + rn[:, None] * s_wn + rk.to(tl.int64)[None, :] * s_wk
+    w_ptrs = w_ptr + rn[:, None] * s_wn + rk[None, :]
     acc = tl.zeros([BLOCK_M, BLOCK_K], dtype=COMPUTE)
     for n0 in range(0, N, BLOCK_N):
         n_ok = rn < N - n0
@@ -193,27 +209,25 @@ def linear_act_bwd_dx_kernel(
             da = da * _act_grad(s, ACT, slope)
         wt = tl.load(w_ptrs, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
         acc = tl.dot(da.to(ELEM).to(DOT), wt.to(DOT), acc, input_precision=PRECISION, out_dtype=COMPUTE)
-        dy_ptrs += BLOCK_N * s_dyn
+        dy_ptrs += BLOCK_N
         s_ptrs += BLOCK_N
         w_ptrs += BLOCK_N * s_wn
     tl.store(dx_ptr + rm64[:, None] * K + rk[None, :], acc.to(dx_ptr.dtype.element_ty),
              mask=m_ok[:, None] & k_ok[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M", "N", "K", "s_dym", "s_xm"])
 def linear_act_bwd_dw_kernel(
-    dy_ptr,  # [M, N] incoming gradient of y, any strides
+    dy_ptr,  # [M, N] incoming gradient of y, any row stride, unit column stride
     s_ptr,  # [M, N] saved tensor (y or a), contiguous
-    x_ptr,  # [M, K] input, any strides
+    x_ptr,  # [M, K] input, any row stride, unit column stride
     dw_ptr,  # [N, K] output gradient of W, contiguous
     db_ptr,  # [N] output gradient of the bias (written by the programs of the first K-tile when HAS_BIAS)
     M,  # rows (the reduction dimension here)
     N,  # output features
     K,  # input features
     s_dym,  # row stride of dy
-    s_dyn,  # column stride of dy
     s_xm,  # row stride of x
-    s_xk,  # column stride of x
     slope,  # leaky_relu negative slope
     HAS_BIAS: tl.constexpr,  # also reduce db
     ACT: tl.constexpr,  # activation code
@@ -225,7 +239,9 @@ def linear_act_bwd_dw_kernel(
     BLOCK_M: tl.constexpr,  # reduction step over M
     BLOCK_K: tl.constexpr,  # columns of the dW tile
     GROUP_N: tl.constexpr,  # row-tiles per group in the program order
+    ALIGN: tl.constexpr,  # 16 when N, K, the row strides and the pointers are multiples of 16, else 1
 ):
+    N, K, s_dym, s_xm = _aligned(N, ALIGN), _aligned(K, ALIGN), _aligned(s_dym, ALIGN), _aligned(s_xm, ALIGN)
     pid = tl.program_id(0)
     grid_n = tl.cdiv(N, BLOCK_N)
     grid_k = tl.cdiv(K, BLOCK_K)
@@ -242,9 +258,9 @@ def linear_act_bwd_dw_kernel(
     k_ok = rk < K
     rn64 = rn.to(tl.int64)
     # da^T tiles [BLOCK_N, BLOCK_M], loaded transposed straight from dy's strides.
-    dy_ptrs = dy_ptr + rm[None, :] * s_dym + rn64[:, None] * s_dyn
-    s_ptrs = s_ptr + rm[None, :] * N + rn64[:, None]
-    x_ptrs = x_ptr + rm[:, None] * s_xm + rk.to(tl.int64)[None, :] * s_xk
+    dy_ptrs = dy_ptr + rm[None, :] * s_dym + rn[:, None]
+    s_ptrs = s_ptr + rm[None, :] * N + rn[:, None]
+    x_ptrs = x_ptr + rm[:, None] * s_xm + rk[None, :]
     acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=COMPUTE)
     db = tl.zeros([BLOCK_N], dtype=COMPUTE)
     for m0 in range(0, M, BLOCK_M):
@@ -271,24 +287,73 @@ def linear_act_bwd_dw_kernel(
 # ---------------------------------------------------------------------------------------------------------
 # Launch configuration
 # ---------------------------------------------------------------------------------------------------------
-# (BLOCK_rows, BLOCK_cols, BLOCK_reduction, num_warps, num_stages) per operand width, large and small.
+# (BLOCK_rows, BLOCK_cols, BLOCK_reduction, num_warps, num_stages) per kernel, operand class and problem size.
+# rows x cols is the output tile: y[M, N] (fwd), dx[M, K] (dx), dW[N, K] (dw); the reduction runs over K, N, M.
+# Every entry compiles for sm_80 and sm_90 without spilling (bench/compile_report.py checks all of them, for
+# 16-aligned shapes and for shapes with no alignment at all). Why they look the way they do:
+#   half:  tensor-core tiles. The dW kernel holds a transposed da tile next to its accumulator, so its
+#          reduction step is 32 (a 64-deep step spills on sm_80) and its small tile uses 2 stages.
+#   unaligned (ALIGN=1: some size / row stride / pointer not a multiple of 16): every element is loaded on
+#          its own with its own 64-bit address, so these tiles spread over more warps and do not pipeline.
+#   tf32:  tensor cores on fp32 operands, so the same bytes per stage take half the K depth.
+#   fp32:  IEEE fp32 is an FMA loop (no tensor cores): every thread keeps its rows of the A slice and its
+#          columns of the B slice in registers for the whole K step, so the K step stays at 16 (the
+#          smallest tl.dot accepts in triton 3.6; 3.9 also takes 8).
+#   fp64:  gradcheck only.
 _GPU_CONFIGS = {
-    2: {"large": (128, 128, 64, 8, 3), "small": (64, 64, 64, 4, 3)},  # fp16 / bf16
-    4: {"large": (128, 128, 32, 8, 2), "small": (64, 64, 32, 4, 2)},  # fp32
-    8: {"large": (64, 64, 16, 4, 1), "small": (32, 32, 16, 4, 1)},  # fp64 (gradcheck only)
+    "fwd": {
+        "half": {"large": (128, 128, 64, 8, 3), "small": (64, 64, 64, 4, 3), "unaligned": (64, 64, 32, 4, 1)},
+        "tf32": {"large": (128, 128, 32, 8, 3), "small": (64, 64, 32, 4, 3), "unaligned": (64, 64, 32, 4, 1)},
+        "fp32": {"large": (128, 128, 16, 8, 2), "small": (64, 64, 16, 4, 2), "unaligned": (64, 64, 16, 4, 1)},
+        "fp64": {"large": (64, 64, 16, 4, 1), "small": (32, 32, 16, 4, 1), "unaligned": (32, 32, 16, 4, 1)},
+    },
+    "dx": {
+        "half": {"large": (128, 128, 64, 8, 3), "small": (64, 64, 64, 4, 3), "unaligned": (64, 64, 32, 8, 1)},
+        "tf32": {"large": (128, 128, 32, 8, 2), "small": (64, 64, 32, 4, 3), "unaligned": (64, 64, 32, 8, 1)},
+        "fp32": {"large": (128, 128, 16, 8, 2), "small": (64, 64, 16, 8, 2), "unaligned": (64, 64, 16, 4, 1)},
+        "fp64": {"large": (64, 64, 16, 4, 1), "small": (32, 32, 16, 4, 1), "unaligned": (32, 32, 16, 4, 1)},
+    },
+    "dw": {
+        "half": {"large": (128, 128, 32, 8, 3), "small": (64, 64, 32, 4, 2), "unaligned": (64, 64, 16, 8, 1)},
+        "tf32": {"large": (128, 128, 32, 8, 3), "small": (64, 64, 32, 4, 3), "unaligned": (64, 64, 16, 8, 1)},
+        "fp32": {"large": (128, 128, 16, 8, 2), "small": (64, 64, 16, 4, 2), "unaligned": (64, 64, 16, 8, 1)},
+        "fp64": {"large": (32, 32, 16, 4, 1), "small": (32, 32, 16, 4, 1), "unaligned": (16, 32, 16, 4, 1)},
+    },
 }
 _GROUP = 8
 
 
-def _config(rows: int, cols: int, red: int, dtype: torch.dtype) -> tuple[int, int, int, int, int]:
-    """Tile for an output of rows x cols with a reduction of length red."""
+def _operand_class(dtype: torch.dtype, precision: str) -> str:
+    if dtype.itemsize == 2:
+        return "half"
+    if dtype == torch.float64:
+        return "fp64"
+    return "tf32" if precision == "tf32" else "fp32"
+
+
+def _config(kernel: str, rows: int, cols: int, red: int, dtype: torch.dtype, precision: str,
+            align: int) -> tuple[int, int, int, int, int]:
+    """Tile of ``kernel`` ("fwd", "dx", "dw") for an output of rows x cols with a reduction of length red."""
     if interpreting():
         clamp = lambda v, lo, hi: max(lo, min(next_pow2(v), hi))  # noqa: E731
         return clamp(rows, 16, 256), clamp(cols, 16, 256), clamp(red, 16, 128), 1, 1
-    table = _GPU_CONFIGS[dtype.itemsize]
+    table = _GPU_CONFIGS[kernel][_operand_class(dtype, precision)]
+    if align == 1:  # element-wise loads: no vector loads, no asynchronous copies to pipeline
+        return table["unaligned"]
     # Small problems: smaller tiles so that there are enough programs to fill the GPU.
     big = triton.cdiv(rows, 128) * triton.cdiv(cols, 128) >= 64
     return table["large" if big else "small"]
+
+
+def _alignment(tensors, ints) -> int:
+    """The kernels' ALIGN: 16 when every pointer (16 bytes) and every size / row stride is a multiple of 16."""
+    ok = all(t.data_ptr() % 16 == 0 for t in tensors if t is not None) and all(int(v) % 16 == 0 for v in ints)
+    return 16 if ok else 1
+
+
+def _unit_inner(t: torch.Tensor) -> torch.Tensor:
+    """``t`` when its last dimension is contiguous (the kernels' layout), else a contiguous copy."""
+    return t if t.stride(-1) == 1 or t.shape[-1] <= 1 else t.contiguous()
 
 
 def _operand_types(dtype: torch.dtype, allow_tf32: bool):
@@ -311,19 +376,21 @@ def linear_act_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[tor
                        negative_slope: float, allow_tf32: bool = False, save_preact: bool = False):
     """(y [M, N], a [M, N] or None): y = act(x @ W^T + b); a is written only when save_preact."""
     check_tensors(x, weight, bias)
+    x, weight = _unit_inner(x), _unit_inner(weight)
     M, K = x.shape
     N = weight.shape[0]
     y = torch.empty((M, N), device=x.device, dtype=x.dtype)
     a = torch.empty((M, N), device=x.device, dtype=x.dtype) if save_preact else None
-    bm, bn, bk, warps, stages = _config(M, N, K, x.dtype)
     comp, _, dot, precision = _operand_types(x.dtype, allow_tf32)
+    align = _alignment((x, weight, bias, y, a), (N, K, x.stride(0), weight.stride(0)))
+    bm, bn, bk, warps, stages = _config("fwd", M, N, K, x.dtype, precision, align)
     grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn),)
     b_arg = bias if bias is not None else y
     linear_act_fwd_kernel[grid](
-        x, weight, b_arg, y, a if a is not None else y, M, N, K, x.stride(0), x.stride(1), weight.stride(0),
-        weight.stride(1), b_arg.stride(0) if bias is not None else 0, float(negative_slope),
+        x, weight, b_arg, y, a if a is not None else y, M, N, K, x.stride(0), weight.stride(0),
+        b_arg.stride(0) if bias is not None else 0, float(negative_slope),
         HAS_BIAS=bias is not None, ACT=ACT_CODES[activation], SAVE_PREACT=save_preact, COMPUTE=comp, DOT=dot,
-        PRECISION=precision, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=_GROUP, num_warps=warps,
+        PRECISION=precision, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=_GROUP, ALIGN=align, num_warps=warps,
         num_stages=stages)
     return y, a
 
@@ -333,6 +400,7 @@ def linear_act_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
                         need_dx: bool = True, need_dw: bool = True):
     """(dx or None, dW or None, db or None); ``saved`` is y, or a when saves_preact(...)."""
     check_tensors(dy, x, weight, saved)
+    dy, x, weight, saved = _unit_inner(dy), _unit_inner(x), _unit_inner(weight), saved.contiguous()
     M, K = x.shape
     N = weight.shape[0]
     comp, elem, dot, precision = _operand_types(x.dtype, allow_tf32)
@@ -341,57 +409,78 @@ def linear_act_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
     dx = dw = db = None
     if need_dx:
         dx = torch.empty((M, K), device=x.device, dtype=x.dtype)
-        bm, bk, bn, warps, stages = _config(M, K, N, x.dtype)
+        align = _alignment((dy, saved, weight, dx), (N, K, dy.stride(0), weight.stride(0)))
+        bm, bk, bn, warps, stages = _config("dx", M, K, N, x.dtype, precision, align)
         linear_act_bwd_dx_kernel[(triton.cdiv(M, bm) * triton.cdiv(K, bk),)](
-            dy, saved, weight, dx, M, N, K, dy.stride(0), dy.stride(1), weight.stride(0), weight.stride(1), slope,
+            dy, saved, weight, dx, M, N, K, dy.stride(0), weight.stride(0), slope,
             ACT=act, COMPUTE=comp, ELEM=elem, DOT=dot, PRECISION=precision, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
-            GROUP_M=_GROUP, num_warps=warps, num_stages=stages)
+            GROUP_M=_GROUP, ALIGN=align, num_warps=warps, num_stages=stages)
     if need_dw or has_bias:
         dw = torch.empty((N, K), device=x.device, dtype=x.dtype)
         db = torch.empty((N,), device=x.device, dtype=x.dtype) if has_bias else None
-        bn, bk, bm, warps, stages = _config(N, K, M, x.dtype)
+        align = _alignment((dy, saved, x, dw, db), (N, K, dy.stride(0), x.stride(0)))
+        bn, bk, bm, warps, stages = _config("dw", N, K, M, x.dtype, precision, align)
         linear_act_bwd_dw_kernel[(triton.cdiv(N, bn) * triton.cdiv(K, bk),)](
-            dy, saved, x, dw, db if db is not None else dw, M, N, K, dy.stride(0), dy.stride(1), x.stride(0),
-            x.stride(1), slope, HAS_BIAS=has_bias, ACT=act, COMPUTE=comp, ELEM=elem, DOT=dot, PRECISION=precision,
-            BLOCK_N=bn, BLOCK_M=bm, BLOCK_K=bk, GROUP_N=_GROUP, num_warps=warps, num_stages=stages)
+            dy, saved, x, dw, db if db is not None else dw, M, N, K, dy.stride(0), x.stride(0), slope,
+            HAS_BIAS=has_bias, ACT=act, COMPUTE=comp, ELEM=elem, DOT=dot, PRECISION=precision,
+            BLOCK_N=bn, BLOCK_M=bm, BLOCK_K=bk, GROUP_N=_GROUP, ALIGN=align, num_warps=warps,
+            num_stages=stages)
         if not need_dw:
             dw = None
     return dx, dw, db
 
 
 def configs() -> list[CompileSpec]:
-    """Every tile the GPU launcher can choose x dtype, for relu (y saved) and gelu (a saved) where it matters."""
+    """Every (tile, ALIGN) variant the GPU launcher can launch, per dtype / precision, for relu (y saved) and
+    gelu (a saved). The kernels opt out of the JIT's value specialisation of their integers, so these are
+    exactly the variants that get compiled; pointers are listed 16-byte aligned (fresh allocations), as the
+    JIT marks them. The default (what CI compiles) is the bf16 large relu forward and backward."""
     specs = []
-    tl_types = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
-    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+    tl_types = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16,
+                torch.float64: tl.float64}
+    for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
         t, elem = tl_name(dtype), tl_types[dtype]
+        comp = tl.float64 if dtype == torch.float64 else tl.float32
         precisions = ("ieee", "tf32") if dtype == torch.float32 else ("ieee",)
-        for size, (b0, b1, b2, warps, stages) in _GPU_CONFIGS[dtype.itemsize].items():
-            for precision in precisions:
+        for precision in precisions:
+            cls = _operand_class(dtype, precision)
+            for size in ("large", "small", "unaligned"):
+                align = 1 if size == "unaligned" else 16
                 for act_name in ("relu", "gelu"):
                     act = ACT_CODES[act_name]
                     default = dtype == torch.bfloat16 and size == "large" and act_name == "relu"
                     tag = f"{t} {size} {precision} {act_name}"
-                    const = {"HAS_BIAS": True, "ACT": act, "SAVE_PREACT": act_name == "gelu", "COMPUTE": tl.float32,
+
+                    b0, b1, b2, warps, stages = _GPU_CONFIGS["fwd"][cls][size]
+                    const = {"HAS_BIAS": True, "ACT": act, "SAVE_PREACT": act_name == "gelu", "COMPUTE": comp,
                              "DOT": elem, "PRECISION": precision, "BLOCK_M": b0, "BLOCK_N": b1, "BLOCK_K": b2,
-                             "GROUP_M": _GROUP}
+                             "GROUP_M": _GROUP, "ALIGN": align}
                     sig = {"x_ptr": f"*{t}", "w_ptr": f"*{t}", "b_ptr": f"*{t}", "y_ptr": f"*{t}", "a_ptr": f"*{t}",
-                           **{k: "i32" for k in ("M", "N", "K", "s_xm", "s_xk", "s_wn", "s_wk", "s_b")},
+                           **{k: "i32" for k in ("M", "N", "K", "s_xm", "s_wn", "s_b")},
                            "slope": "fp32", **{k: "constexpr" for k in const}}
                     specs.append(CompileSpec(f"linear_act_fwd {tag} {b0}x{b1}x{b2}", linear_act_fwd_kernel, sig,
-                                             const, warps, stages, default=default))
-                    const = {"ACT": act, "COMPUTE": tl.float32, "ELEM": elem, "DOT": elem, "PRECISION": precision,
-                             "BLOCK_M": b0, "BLOCK_N": b2, "BLOCK_K": b1, "GROUP_M": _GROUP}
+                                             const, warps, stages, default=default, divisible=_pointers(sig)))
+
+                    b0, b1, b2, warps, stages = _GPU_CONFIGS["dx"][cls][size]
+                    const = {"ACT": act, "COMPUTE": comp, "ELEM": elem, "DOT": elem, "PRECISION": precision,
+                             "BLOCK_M": b0, "BLOCK_N": b2, "BLOCK_K": b1, "GROUP_M": _GROUP, "ALIGN": align}
                     sig = {"dy_ptr": f"*{t}", "s_ptr": f"*{t}", "w_ptr": f"*{t}", "dx_ptr": f"*{t}",
-                           **{k: "i32" for k in ("M", "N", "K", "s_dym", "s_dyn", "s_wn", "s_wk")},
+                           **{k: "i32" for k in ("M", "N", "K", "s_dym", "s_wn")},
                            "slope": "fp32", **{k: "constexpr" for k in const}}
                     specs.append(CompileSpec(f"linear_act_bwd_dx {tag} {b0}x{b1}x{b2}", linear_act_bwd_dx_kernel,
-                                             sig, const, warps, stages, default=default))
-                    const = {"HAS_BIAS": True, "ACT": act, "COMPUTE": tl.float32, "ELEM": elem, "DOT": elem,
-                             "PRECISION": precision, "BLOCK_N": b0, "BLOCK_M": b2, "BLOCK_K": b1, "GROUP_N": _GROUP}
-                    sig = {"dy_ptr": f"*{t}", "s_ptr": f"*{t}", "x_ptr": f"*{t}", "dw_ptr": f"*{t}", "db_ptr": f"*{t}",
-                           **{k: "i32" for k in ("M", "N", "K", "s_dym", "s_dyn", "s_xm", "s_xk")},
+                                             sig, const, warps, stages, default=default, divisible=_pointers(sig)))
+
+                    b0, b1, b2, warps, stages = _GPU_CONFIGS["dw"][cls][size]
+                    const = {"HAS_BIAS": True, "ACT": act, "COMPUTE": comp, "ELEM": elem, "DOT": elem,
+                             "PRECISION": precision, "BLOCK_N": b0, "BLOCK_M": b2, "BLOCK_K": b1, "GROUP_N": _GROUP,
+                             "ALIGN": align}
+                    sig = {"dy_ptr": f"*{t}", "s_ptr": f"*{t}", "x_ptr": f"*{t}", "dw_ptr": f"*{t}",
+                           "db_ptr": f"*{t}", **{k: "i32" for k in ("M", "N", "K", "s_dym", "s_xm")},
                            "slope": "fp32", **{k: "constexpr" for k in const}}
                     specs.append(CompileSpec(f"linear_act_bwd_dw {tag} {b0}x{b1}x{b2}", linear_act_bwd_dw_kernel,
-                                             sig, const, warps, stages, default=default))
+                                             sig, const, warps, stages, default=default, divisible=_pointers(sig)))
     return specs
+
+
+def _pointers(sig: dict) -> tuple:
+    return tuple(k for k, v in sig.items() if v.startswith("*"))
