@@ -24,6 +24,7 @@ import kernels  # noqa: E402
 import telemetry  # noqa: E402
 import timing  # noqa: E402
 from vaegan_fast import ops  # noqa: E402
+from vaegan_fast.step import step_flops  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -142,7 +143,11 @@ def bench_e2e(args, device, gpu, budget):
             if name in counted and status[name] == "ok":
                 x = batches[0]
                 row["operator_calls"] = e2e.operator_calls(counted[name], x)
-                row["saved_bytes"] = e2e.saved_tensor_bytes(counted[name], x)
+                model_of = getattr(counted[name], "model", None)
+                row["saved_bytes"] = (e2e.routed_saved_bytes(model_of, x) if model_of is not None and
+                                      model_of.uses_routed_step else e2e.saved_tensor_bytes(counted[name], x))
+                row["flops"] = (step_flops(model_of, batch) if model_of is not None and model_of.uses_routed_step
+                                else step_flops(model, batch, routed=False))
                 if gpu:
                     row["kernel_launches"] = e2e.kernel_launches(counted[name], x)
             rows.append(row)
@@ -158,7 +163,7 @@ def _fmt(v, spec):
 KERNEL_HEADER = ["op", "size", "dtype", "mode", "provider", "median ms", "p20-p80 ms", "GB/s", "TFLOP/s",
                  "% peak BW", "vs eager", "vs compile", "status"]
 E2E_HEADER = ["preset", "batch", "provider", "samples/s", "ms/step", "p20-p80 ms", "vs eager", "vs compile",
-              "compile s", "ops/step", "saved MB", "status"]
+              "compile s", "GFLOP", "GFLOP/s", "ops/step", "saved MB", "status"]
 
 
 def kernel_cells(r):
@@ -176,7 +181,9 @@ def e2e_cells(r):
             _fmt(r.get("median_ms"), ".2f"), f"{_fmt(r.get('p20_ms'), '.2f')}-{_fmt(r.get('p80_ms'), '.2f')}",
             _fmt(r.get("vs_eager"), ".2f") + "x" if r.get("vs_eager") else "-",
             _fmt(r.get("vs_compile"), ".2f") + "x" if r.get("vs_compile") else "-",
-            _fmt(r.get("compile_s"), ".1f"), _fmt(r.get("operator_calls"), "d"),
+            _fmt(r.get("compile_s"), ".1f"), _fmt(r["flops"] / 1e9, ".3f") if r.get("flops") else "-",
+            _fmt(r["flops"] / r["median_ms"] / 1e6, ".1f") if r.get("flops") and r.get("median_ms") else "-",
+            _fmt(r.get("operator_calls"), "d"),
             _fmt(r["saved_bytes"] / 2**20, ".1f") if r.get("saved_bytes") is not None else "-",
             "ok" if r["status"] == "ok" else "WRONG"]
 

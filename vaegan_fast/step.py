@@ -86,12 +86,14 @@ def _param_grads(layers_grads: dict, count: int) -> list:
 
 
 def routed_step_gradients(model, x: torch.Tensor, eps: torch.Tensor, z_prior: torch.Tensor,
-                          on_network_done=None) -> tuple:
+                          on_network_done=None, memory: dict | None = None) -> tuple:
     """({network: [grad per parameter]}, losses) of one VAE-GAN step of ``model``'s built-in MLPs.
 
     ``on_network_done(name, grads)``, if given, is called as soon as each network's gradients are complete
     (discriminator, decoder, encoder, in that order): data-parallel training starts its all-reduce there,
-    overlapping communication with the rest of the backward pass.
+    overlapping communication with the rest of the backward pass. ``memory``, if given, receives
+    "saved_bytes": the bytes of the distinct tensors the forward pass keeps for the backward streams (what
+    autograd's saved tensors are to a straightforward step).
     """
     done = on_network_done or (lambda name, grads: None)
     cfg, backend = model.config, model.config["backend"]
@@ -121,6 +123,12 @@ def routed_step_gradients(model, x: torch.Tensor, eps: torch.Tensor, z_prior: to
     s_real, s_prior, s_rec = scores[:batch], scores[batch:2 * batch], scores[2 * batch:]
     features = dis_cache[feature_layer + 1][0]
     f_real, f_rec = features[:batch], features[2 * batch:]
+
+    if memory is not None:
+        kept = [t for cache in (enc_cache, dec_cache, dis_cache) for pair in cache for t in pair]
+        kept += [logvar_raw, noise, var, mu, images, scores]
+        distinct = {(t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape)): t for t in kept}
+        memory["saved_bytes"] = sum(t.numel() * t.element_size() for t in distinct.values())
 
     # ---- losses and their gradients in closed form
     diff = f_rec - f_real
