@@ -34,6 +34,12 @@ from . import CompileSpec, check_tensors, compute_dtype, interpreting, next_pow2
 
 
 @triton.jit
+def _load_tile(ptr, rows64, cols64, s_b, s_d, mask, COMPUTE: tl.constexpr):
+    """A [BLOCK_B, BLOCK_D] tile of a strided [B, D] tensor, in the compute dtype (0 where masked)."""
+    return tl.load(ptr + rows64[:, None] * s_b + cols64[None, :] * s_d, mask=mask, other=0.0).to(COMPUTE)
+
+
+@triton.jit
 def _standard_normal(seed, offsets):
     """N(0, 1) draws from Philox uniforms through the inverse normal CDF (Wichura's AS241, PPND7: relative
     error below 1.2e-7, i.e. fp32 rounding).
@@ -89,13 +95,10 @@ def reparam_kl_fwd_kernel(
         cols = d0 + tl.arange(0, BLOCK_D)
         mask = row_ok[:, None] & (cols < D)[None, :]
         cols64 = cols.to(tl.int64)
-        mu = tl.load(mu_ptr + rows64[:, None] * s_mu_b + cols64[None, :] * s_mu_d, mask=mask, other=0.0)
-        lv = tl.load(logvar_ptr + rows64[:, None] * s_lv_b + cols64[None, :] * s_lv_d, mask=mask, other=0.0)
-        mu = mu.to(COMPUTE)
-        lv = lv.to(COMPUTE)
+        mu = _load_tile(mu_ptr, rows64, cols64, s_mu_b, s_mu_d, mask, COMPUTE)
+        lv = _load_tile(logvar_ptr, rows64, cols64, s_lv_b, s_lv_d, mask, COMPUTE)
         if HAS_EPS:
-            eps = tl.load(eps_ptr + rows64[:, None] * s_eps_b + cols64[None, :] * s_eps_d, mask=mask, other=0.0)
-            eps = eps.to(COMPUTE)
+            eps = _load_tile(eps_ptr, rows64, cols64, s_eps_b, s_eps_d, mask, COMPUTE)
         else:
             eps = _standard_normal(seed, rows[:, None] * D + cols[None, :]).to(COMPUTE)
         std = tl.exp(lv * 0.5)
@@ -148,19 +151,14 @@ def reparam_kl_bwd_kernel(
         cols = d0 + tl.arange(0, BLOCK_D)
         mask = row_ok[:, None] & (cols < D)[None, :]
         cols64 = cols.to(tl.int64)
-        mu = tl.load(mu_ptr + rows64[:, None] * s_mu_b + cols64[None, :] * s_mu_d, mask=mask, other=0.0)
-        lv = tl.load(logvar_ptr + rows64[:, None] * s_lv_b + cols64[None, :] * s_lv_d, mask=mask, other=0.0)
-        mu = mu.to(COMPUTE)
-        lv = lv.to(COMPUTE)
+        mu = _load_tile(mu_ptr, rows64, cols64, s_mu_b, s_mu_d, mask, COMPUTE)
+        lv = _load_tile(logvar_ptr, rows64, cols64, s_lv_b, s_lv_d, mask, COMPUTE)
         dmu = dkl[:, None] * mu
         dlv = 0.5 * dkl[:, None] * (tl.exp(lv) - 1.0)
         if HAS_DZ:
-            dz = tl.load(dz_ptr + rows64[:, None] * s_dz_b + cols64[None, :] * s_dz_d, mask=mask, other=0.0)
-            dz = dz.to(COMPUTE)
+            dz = _load_tile(dz_ptr, rows64, cols64, s_dz_b, s_dz_d, mask, COMPUTE)
             if HAS_EPS:
-                eps = tl.load(eps_ptr + rows64[:, None] * s_eps_b + cols64[None, :] * s_eps_d, mask=mask,
-                              other=0.0)
-                eps = eps.to(COMPUTE)
+                eps = _load_tile(eps_ptr, rows64, cols64, s_eps_b, s_eps_d, mask, COMPUTE)
             else:
                 eps = _standard_normal(seed, rows[:, None] * D + cols[None, :]).to(COMPUTE)
             std = tl.exp(lv * 0.5)

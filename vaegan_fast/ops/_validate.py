@@ -16,24 +16,22 @@ def floating_tensor(name: str, value) -> torch.Tensor:
     return value
 
 
-def same_device(**tensors: torch.Tensor) -> torch.device:
+def _agree(attribute: str, error, what: str, tensors: dict):
     items = [(n, t) for n, t in tensors.items() if t is not None]
     first_name, first = items[0]
     for name, t in items[1:]:
-        if t.device != first.device:
-            raise ValueError(f"{name} is on {t.device} but {first_name} is on {first.device}; "
-                             "all inputs must be on one device")
-    return first.device
+        if getattr(t, attribute) != getattr(first, attribute):
+            raise error(f"{name} {what} {getattr(t, attribute)} but {first_name} {what} "
+                        f"{getattr(first, attribute)}; all inputs must share one {attribute}")
+    return getattr(first, attribute)
+
+
+def same_device(**tensors: torch.Tensor) -> torch.device:
+    return _agree("device", ValueError, "is on", tensors)
 
 
 def same_dtype(**tensors: torch.Tensor) -> torch.dtype:
-    items = [(n, t) for n, t in tensors.items() if t is not None]
-    first_name, first = items[0]
-    for name, t in items[1:]:
-        if t.dtype != first.dtype:
-            raise TypeError(f"{name} has dtype {t.dtype} but {first_name} has {first.dtype}; "
-                            "all inputs must share one dtype")
-    return first.dtype
+    return _agree("dtype", TypeError, "has dtype", tensors)
 
 
 def nonempty_batch(name: str, t: torch.Tensor) -> None:
