@@ -85,5 +85,7 @@ def linear_act(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
         raise TypeError(f"allow_tf32 must be a bool, got {type(allow_tf32).__name__}")
     _, impl = _dispatch.resolve(OP, backend, device)
     extra = {"allow_tf32": True} if allow_tf32 and getattr(impl, "accepts_allow_tf32", False) else {}
+    if x.dim() == 2:  # the common case: no reshapes (each costs a dispatch on a small layer)
+        return impl(x, weight, bias, activation, float(negative_slope), **extra)
     y = impl(x.reshape(-1, x.shape[-1]), weight, bias, activation, float(negative_slope), **extra)
     return y.reshape(*x.shape[:-1], weight.shape[0])
