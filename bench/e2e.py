@@ -38,8 +38,13 @@ def load_batches(batch: int, count: int, device) -> tuple:
 def _compile_step(step, mode):
     try:
         import torch._dynamo.config as dynamo_config
+        import torch._functorch.config as functorch_config
         if hasattr(dynamo_config, "trace_autograd_ops"):
             dynamo_config.trace_autograd_ops = True
+        # The step's first two autograd.grad calls keep the graph (retain_graph=True), which AOTAutograd's
+        # donated buffers refuse at run time; without this the compiled step raises on "wide".
+        if hasattr(functorch_config, "donated_buffer"):
+            functorch_config.donated_buffer = False
     except ImportError:
         pass
     return torch.compile(step, mode=mode)
