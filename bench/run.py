@@ -127,7 +127,8 @@ def bench_e2e(args, device, gpu, budget):
         for name, step in good.items():
             cycle = itertools.cycle(batches)
             pairs[name] = (None, lambda s=step, c=cycle: s(next(c)))
-        times = timing.interleaved(pairs, device, budget * 4, min_calls=5, warmup=2)
+        # Whole steps vary more than kernels: at least 15 rounds and a few seconds per preset.
+        times = timing.interleaved(pairs, device, max(budget * 12, 3.0), min_calls=15, warmup=3)
         counted = {"eager": providers["eager"]}
         counted.update({n: s for n, s in providers.items() if n.startswith("vaegan_fast")})
         for name in providers:
