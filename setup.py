@@ -79,6 +79,9 @@ class CMakeBuild(build_ext):
                     "to install without the native backend on purpose.") from exc
         target = self.get_ext_fullpath(ext.name)
         os.makedirs(os.path.dirname(target), exist_ok=True)
+        # An editable install then copies the library into the source tree, whose vaegan_fast/_native/ holds
+        # nothing tracked (the library is a build output) and so is missing from a fresh clone.
+        os.makedirs(os.path.join(ROOT, *ext.name.split(".")[:-1]), exist_ok=True)
         shutil.copyfile(os.path.join(build_dir, "libvaegan_fast_native.so"), target)
 
 
