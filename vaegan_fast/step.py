@@ -85,6 +85,7 @@ def _param_grads(layers_grads: dict, count: int) -> list:
     return out
 
 
+@torch.no_grad()  # every gradient here is formed explicitly: autograd records nothing
 def routed_step_gradients(model, x: torch.Tensor, eps: torch.Tensor, z_prior: torch.Tensor,
                           on_network_done=None, memory: dict | None = None) -> tuple:
     """({network: [grad per parameter]}, losses) of one VAE-GAN step of ``model``'s built-in MLPs.
@@ -117,8 +118,13 @@ def routed_step_gradients(model, x: torch.Tensor, eps: torch.Tensor, z_prior: to
     # Row order [prior; reconstruction] in the decoder and [real; prior; reconstruction] in the
     # discriminator: every stream below then works on one contiguous block of rows.
     logits, dec_cache = _forward(dec_layers, torch.cat([z_prior, z]), backend)
-    images = torch.sigmoid(logits)
-    scores, dis_cache = _forward(dis_layers, torch.cat([x, images]), backend)
+    # The images are written straight into the discriminator's input (no concatenation copy). Large
+    # temporaries are costly on a CPU (each is fresh memory to fault in), so this section and the one
+    # through the sigmoid below reuse buffers in place.
+    dis_input = torch.empty(3 * batch, x.shape[1], device=x.device, dtype=x.dtype)
+    dis_input[:batch].copy_(x)
+    images = torch.sigmoid(logits, out=dis_input[batch:])
+    scores, dis_cache = _forward(dis_layers, dis_input, backend)
     scores = scores.reshape(3 * batch)
     s_real, s_prior, s_rec = scores[:batch], scores[batch:2 * batch], scores[2 * batch:]
     features = dis_cache[feature_layer + 1][0]
@@ -169,16 +175,19 @@ def routed_step_gradients(model, x: torch.Tensor, eps: torch.Tensor, z_prior: to
                            backend)
 
     # ---- through the sigmoid into the decoder's logits (rows [prior; reconstruction])
-    slope = images * (1 - images)
-    dec_up = torch.zeros_like(images)
-    dec_up[:fakes_end - batch] = g_input
-    dec_up[batch:] += cfg["gamma"] * u_input
-    dec_up = dec_up * slope
-    enc_up = u_input * slope[batch:]
+    slope = torch.rsub(images, 1.0).mul_(images)  # sigmoid' = s (1 - s)
+    dec_up = torch.empty_like(images)
+    if cfg["recon_as_fake"]:
+        torch.add(g_input[batch:], u_input, alpha=cfg["gamma"], out=dec_up[batch:])
+    else:
+        torch.mul(u_input, cfg["gamma"], out=dec_up[batch:])
+    dec_up[:batch].copy_(g_input[:batch])
+    dec_up.mul_(slope)
+    enc_up = u_input.mul_(slope[batch:])  # u_input is not needed after this
     if pixel is not None:
-        d_pixel = pixel_weight * (images[batch:] - x) / batch
-        dec_up[batch:] += d_pixel
-        enc_up = enc_up + d_pixel
+        d_pixel = torch.sub(images[batch:], x).mul_(pixel_weight / batch)
+        dec_up[batch:].add_(d_pixel)
+        enc_up.add_(d_pixel)
 
     # ---- decoder streams
     top = len(dec_layers) - 1
