@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import vaegan_fast.ops as ops
+from backend_ops import SHAPES, disc, gen, recon, reparam, shape_id
 from numerics import assert_matches
 from vaegan_fast.ops import _dispatch
 
@@ -20,8 +21,6 @@ if "native" in ops.available_backends("cpu", "reparam_kl"):
     NATIVE = torch.ops.vaegan_fast_native
 
 DTYPES = [torch.float32, torch.bfloat16]
-SHAPES = [(1, 1), (1, 37), (41, 1), (3, 5), (257, 129), (1000, 784), (2048, 1024)]
-shape_id = lambda s: "x".join(map(str, s))  # noqa: E731
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -70,22 +69,6 @@ def threads(request):
     torch.set_num_threads(before)
 
 
-def _reparam(backend):
-    return lambda mu, lv, eps: ops.reparam_kl(mu, lv, eps, backend=backend)
-
-
-def _disc(backend):
-    return lambda *xs: ops.discriminator_loss(*xs, backend=backend)
-
-
-def _gen(backend, saturating):
-    return lambda *xs: ops.generator_loss(*xs, saturating=saturating, backend=backend)
-
-
-def _recon(backend):
-    return lambda a, b: ops.feature_recon_loss(a, b, backend=backend)
-
-
 def _linear(activation, slope=0.2):
     return lambda backend: (lambda x, w, b: ops.linear_act(x, w, b, activation, negative_slope=slope,
                                                            backend=backend))
@@ -98,7 +81,7 @@ def test_reparam_kl(shape, dtype):
     mu = torch.randn(shape).to(dtype)
     lv = (2 * torch.randn(shape)).to(dtype)
     eps = torch.randn(shape).to(dtype)
-    check(_reparam, [mu, lv, eps], ["mu", "logvar", "eps"])
+    check(reparam, [mu, lv, eps], ["mu", "logvar", "eps"])
 
 
 @pytest.mark.parametrize("which", ["z", "kl"])
@@ -121,16 +104,16 @@ def test_gan_losses(shape, dtype):
     real = (8 * torch.randn(shape)).to(dtype)  # +-30: both tails of the stable softplus
     fake = (8 * torch.randn(shape)).to(dtype)
     fake2 = torch.randn(shape[0]).to(dtype)  # another size and rank
-    check(_disc, [real, fake, fake2], ["real", "fake", "fake2"])
-    check(lambda b: _gen(b, False), [fake, fake2], ["fake", "fake2"])
-    check(lambda b: _gen(b, True), [fake], ["fake"])
+    check(disc, [real, fake, fake2], ["real", "fake", "fake2"])
+    check(lambda b: gen(b, False), [fake, fake2], ["fake", "fake2"])
+    check(lambda b: gen(b, True), [fake], ["fake"])
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", SHAPES + [(7, 3, 5, 2)], ids=shape_id)
 def test_feature_recon_loss(shape, dtype):
     a, b = torch.randn(shape).to(dtype), torch.randn(shape).to(dtype)
-    check(_recon, [a, b], ["features_real", "features_fake"])
+    check(recon, [a, b], ["features_real", "features_fake"])
 
 
 def test_losses_under_no_grad_compute_only_the_loss():
@@ -200,14 +183,14 @@ def test_linear_act_only_weight_needs_grad():
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_strided_inputs(dtype):
     shape = (53, 29)
-    check(_reparam, [strided(shape, dtype, "transpose"), strided(shape, dtype, "slice"),
+    check(reparam, [strided(shape, dtype, "transpose"), strided(shape, dtype, "slice"),
                      strided(shape, dtype, "transpose")], ["mu", "logvar", "eps"])
     real, fake = strided(shape, dtype, "transpose"), strided(shape, dtype, "slice")
-    check(_disc, [real, fake], ["real", "fake"])
-    check(lambda b: _gen(b, False), [real[::3], fake.t()], ["fake", "fake2"])
-    check(_recon, [real, fake], ["features_real", "features_fake"])
+    check(disc, [real, fake], ["real", "fake"])
+    check(lambda b: gen(b, False), [real[::3], fake.t()], ["fake", "fake2"])
+    check(recon, [real, fake], ["features_real", "features_fake"])
     a = torch.randn(6, 4, 5, 8).to(dtype).permute(0, 3, 1, 2)
-    check(_recon, [a, torch.randn(a.shape).to(dtype)], ["features_real", "features_fake"])
+    check(recon, [a, torch.randn(a.shape).to(dtype)], ["features_real", "features_fake"])
     x = strided((53, 29), dtype, "slice")
     w = strided((17, 29), dtype, "transpose")
     b = torch.randn(34).to(dtype)[::2]
@@ -242,7 +225,7 @@ def test_fp64_matches_reference_tightly():
     x, w, b = _linear_inputs(33, 17, 9, torch.float64)
     check(_linear("gelu"), [x, w, b], ["x", "weight", "bias"])
     mu, lv, eps = torch.randn(33, 17).double(), torch.randn(33, 17).double(), torch.randn(33, 17).double()
-    check(_reparam, [mu, lv, eps], ["mu", "logvar", "eps"])
+    check(reparam, [mu, lv, eps], ["mu", "logvar", "eps"])
 
 
 def test_double_backward_falls_back_to_differentiable_formulas():
@@ -260,16 +243,16 @@ def test_results_do_not_depend_on_thread_count(threads):
     mu, lv, eps = torch.randn(shape), torch.randn(shape), torch.randn(shape)
     x, y = 8 * torch.randn(shape), torch.randn(shape)
     gz, gkl, g = torch.randn(shape), torch.randn(shape[0]), torch.randn(())
-    (z, kl), grads_r = run(_reparam("native"), [mu, lv, eps], [gz, gkl])
-    (d,), grads_d = run(_disc("native"), [x, y], [g])
-    (f,), grads_f = run(_recon("native"), [x, y], [g])
+    (z, kl), grads_r = run(reparam("native"), [mu, lv, eps], [gz, gkl])
+    (d,), grads_d = run(disc("native"), [x, y], [g])
+    (f,), grads_f = run(recon("native"), [x, y], [g])
     xl, wl, bl = _linear_inputs(1000, 64, 300, torch.float32)
     gl = torch.randn(1000, 300)
     (yl,), grads_l = run(_linear("gelu")("native"), [xl, wl, bl], [gl])
     torch.set_num_threads(3 - threads)
-    (z2, kl2), grads_r2 = run(_reparam("native"), [mu, lv, eps], [gz, gkl])
-    (d2,), grads_d2 = run(_disc("native"), [x, y], [g])
-    (f2,), grads_f2 = run(_recon("native"), [x, y], [g])
+    (z2, kl2), grads_r2 = run(reparam("native"), [mu, lv, eps], [gz, gkl])
+    (d2,), grads_d2 = run(disc("native"), [x, y], [g])
+    (f2,), grads_f2 = run(recon("native"), [x, y], [g])
     for a, b in zip([z, kl, d, f, *grads_r, *grads_d, *grads_f], [z2, kl2, d2, f2, *grads_r2, *grads_d2, *grads_f2]):
         assert torch.equal(a, b)
     # linear_act: the GEMMs are BLAS's (its own threading); check against the fp64 reference instead.

@@ -4,25 +4,11 @@ import torch
 
 import vaegan_fast.ops as ops
 from conftest import DEVICE
+from backend_ops import SHAPES, disc, gen, recon, shape_id
 from numerics import assert_matches
 from triton_helpers import DTYPES, as_double, requires_triton, run, strided
 
 pytestmark = requires_triton
-
-SHAPES = [(1, 1), (1, 37), (41, 1), (3, 5), (257, 129), (1000, 784), (2048, 1024)]
-shape_id = lambda s: "x".join(map(str, s))  # noqa: E731
-
-
-def _disc(backend):
-    return lambda *xs: ops.discriminator_loss(*xs, backend=backend)
-
-
-def _gen(backend, saturating):
-    return lambda *xs: ops.generator_loss(*xs, saturating=saturating, backend=backend)
-
-
-def _recon(backend):
-    return lambda a, b: ops.feature_recon_loss(a, b, backend=backend)
 
 
 def _check(make, inputs, names):
@@ -44,9 +30,9 @@ def test_discriminator_and_generator_losses(shape, dtype):
     real = (8 * torch.randn(shape, device=DEVICE)).to(dtype)
     fake = (8 * torch.randn(shape, device=DEVICE)).to(dtype)
     fake2 = torch.randn(shape[0], device=DEVICE).to(dtype)  # another size and rank
-    _check(_disc, [real, fake, fake2], ["real", "fake", "fake2"])
-    _check(lambda b: _gen(b, False), [fake, fake2], ["fake", "fake2"])
-    _check(lambda b: _gen(b, True), [fake], ["fake"])
+    _check(disc, [real, fake, fake2], ["real", "fake", "fake2"])
+    _check(lambda b: gen(b, False), [fake, fake2], ["fake", "fake2"])
+    _check(lambda b: gen(b, True), [fake], ["fake"])
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -54,7 +40,7 @@ def test_discriminator_and_generator_losses(shape, dtype):
 def test_feature_recon_loss(shape, dtype):
     a = torch.randn(shape, device=DEVICE).to(dtype)
     b = torch.randn(shape, device=DEVICE).to(dtype)
-    _check(_recon, [a, b], ["features_real", "features_fake"])
+    _check(recon, [a, b], ["features_real", "features_fake"])
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -62,11 +48,11 @@ def test_strided_inputs(dtype):
     shape = (53, 29)
     real = strided(shape, dtype, DEVICE, "transpose")
     fake = strided(shape, dtype, DEVICE, "slice")
-    _check(_disc, [real, fake], ["real", "fake"])
-    _check(lambda b: _gen(b, False), [real[::3], fake.t()], ["fake", "fake2"])
-    _check(_recon, [real, fake], ["features_real", "features_fake"])
+    _check(disc, [real, fake], ["real", "fake"])
+    _check(lambda b: gen(b, False), [real[::3], fake.t()], ["fake", "fake2"])
+    _check(recon, [real, fake], ["features_real", "features_fake"])
     a = torch.randn(6, 4, 5, 8, device=DEVICE).to(dtype).permute(0, 3, 1, 2)  # 4-d, not viewable as 2-d
-    _check(_recon, [a, torch.randn(a.shape, device=DEVICE).to(dtype)], ["features_real", "features_fake"])
+    _check(recon, [a, torch.randn(a.shape, device=DEVICE).to(dtype)], ["features_real", "features_fake"])
 
 
 def test_only_some_inputs_need_grad():
@@ -114,7 +100,7 @@ def test_no_grad_computes_only_the_loss(monkeypatch):
 
 def test_gradcheck_and_double_backward_fp64():
     x, y = (torch.randn(4, 3, device=DEVICE, dtype=torch.float64, requires_grad=True) for _ in range(2))
-    for fn in (_disc("triton"), _gen("triton", False), _gen("triton", True), _recon("triton")):
+    for fn in (disc("triton"), gen("triton", False), gen("triton", True), recon("triton")):
         assert torch.autograd.gradcheck(fn, (x, y), fast_mode=True)
         assert torch.autograd.gradgradcheck(fn, (x, y), fast_mode=True)
 
