@@ -22,8 +22,11 @@ and the backward runs these streams, each on only the rows and layers where it i
     encoder (B rows): dz and the KL's gradients through the reparameterization and the logvar clamp, weight
       gradients, no input gradient at the first layer.
 
-Every loss gradient is written in closed form (d softplus = sigmoid). ``step_flops`` counts the products this
-performs; ``tests/test_step.py`` checks that the gradients equal those of the three-grad step.
+The losses and the reparameterization run through the backend's fused kernels, which return each loss's
+value and its gradient with respect to its inputs in one pass (``softplus_terms``, ``feature_recon_terms``,
+``reparam_kl_forward`` / ``reparam_kl_backward``), so on the triton and native backends the whole step is
+the project's kernels plus the optimizer. ``step_flops`` counts the products this performs;
+``tests/test_step.py`` checks that the gradients equal those of the three-grad step.
 """
 from __future__ import annotations
 
@@ -33,7 +36,8 @@ import torch
 
 from .nn.networks import LOGVAR_MAX, LOGVAR_MIN
 from .ops.dense import dense_backward, dense_forward
-from .ops.gan_losses import softplus
+from .ops.gan_losses import feature_recon_terms, softplus, softplus_terms
+from .ops.reparam_kl import reparam_kl_backward, reparam_kl_forward
 
 
 @dataclass
@@ -110,11 +114,7 @@ def routed_step_gradients(model, x: torch.Tensor, eps: torch.Tensor, z_prior: to
     stats, enc_cache = _forward(enc_layers, x, backend)
     mu, logvar_raw = stats[:, :latent], stats[:, latent:]
     logvar = logvar_raw.clamp(LOGVAR_MIN, LOGVAR_MAX)
-    std = torch.exp(0.5 * logvar)
-    noise = std * eps
-    z = mu + noise
-    var = std * std
-    kl = 0.5 * (mu * mu + var - logvar - 1.0).sum(1)
+    z, kl = reparam_kl_forward(mu, logvar, eps, backend)
     # Row order [prior; reconstruction] in the decoder and [real; prior; reconstruction] in the
     # discriminator: every stream below then works on one contiguous block of rows.
     logits, dec_cache = _forward(dec_layers, torch.cat([z_prior, z]), backend)
@@ -132,26 +132,25 @@ def routed_step_gradients(model, x: torch.Tensor, eps: torch.Tensor, z_prior: to
 
     if memory is not None:
         kept = [t for cache in (enc_cache, dec_cache, dis_cache) for pair in cache for t in pair]
-        kept += [logvar_raw, noise, var, mu, images, scores]
+        kept += [logvar_raw, logvar, eps, mu, images, scores]
         distinct = {(t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape)): t for t in kept}
         memory["saved_bytes"] = sum(t.numel() * t.element_size() for t in distinct.values())
 
-    # ---- losses and their gradients in closed form
-    diff = f_rec - f_real
-    llike = 0.5 * (diff * diff).sum(1).mean()
-    d_llike = diff / batch  # d llike / d f_rec
+    # ---- losses with their gradients, from the fused loss kernels (value and gradient in one pass)
+    llike, grad_real = feature_recon_terms(f_real, f_rec, backend)
+    d_llike = grad_real.neg_()  # d llike / d f_rec = (f_rec - f_real) / B
     fakes_end = 3 * batch if cfg["recon_as_fake"] else 2 * batch  # rows [batch, fakes_end) are the fakes
-    fake_scores = scores[batch:fakes_end]
-    d_real = softplus(-s_real).mean()
-    d_fake = softplus(s_prior).mean()
-    disc_loss = d_real + softplus(fake_scores).reshape(-1, batch).mean(1).sum()
-    grad_scores_d = torch.cat([-torch.sigmoid(-s_real), torch.sigmoid(fake_scores)]) / batch
+    fakes = [s_prior, s_rec] if cfg["recon_as_fake"] else [s_prior]
+    ones = [1.0] * len(fakes)
+    disc_loss, grads = softplus_terms([s_real, *fakes], [-1.0, *ones], [1.0, *ones], backend)
+    grad_scores_d = torch.cat(grads)  # rows [real; prior (; reconstruction)]
     if cfg["saturating"]:
-        gen_loss = -softplus(fake_scores).reshape(-1, batch).mean(1).sum()
-        grad_scores_g = -torch.sigmoid(fake_scores) / batch
+        gen_loss, grads = softplus_terms(fakes, ones, [-1.0] * len(fakes), backend)
     else:
-        gen_loss = softplus(-fake_scores).reshape(-1, batch).mean(1).sum()
-        grad_scores_g = -torch.sigmoid(-fake_scores) / batch
+        gen_loss, grads = softplus_terms(fakes, [-1.0] * len(fakes), ones, backend)
+    grad_scores_g = torch.cat(grads) if len(grads) > 1 else grads[0]
+    d_real = softplus(-s_real).mean()  # the gate's statistics
+    d_fake = softplus(s_prior).mean()
     prior = kl.mean()
     pixel_weight = cfg["pixel_weight"]
     x_rec_logits = logits[batch:]
@@ -197,8 +196,7 @@ def routed_step_gradients(model, x: torch.Tensor, eps: torch.Tensor, z_prior: to
     dz, _ = _backward(dec_layers, dec_cache, enc_up, slice(batch, None), top, False, True, backend)
 
     # ---- encoder: reparameterization, KL and the clamp, then the MLP
-    d_mu = dz + mu / batch
-    d_logvar = 0.5 * dz * noise + 0.5 * (var - 1.0) / batch
+    d_mu, d_logvar = reparam_kl_backward(mu, logvar, eps, dz, torch.full_like(kl, 1.0 / batch), backend)
     d_logvar = d_logvar * ((logvar_raw >= LOGVAR_MIN) & (logvar_raw <= LOGVAR_MAX))
     _, e_grads = _backward(enc_layers, enc_cache, torch.cat([d_mu, d_logvar], 1), slice(None),
                            len(enc_layers) - 1, True, False, backend)

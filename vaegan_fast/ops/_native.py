@@ -186,3 +186,34 @@ def dense_backward_native(dy: Tensor, x: Tensor, weight: Tensor, saved: Tensor, 
         dx, dw, db = _ops.linear_act_backward(dy, x, weight, saved, not keeps_preactivation(index, negative_slope),
                                               index, float(negative_slope), mask)
     return (dx if mask[0] else None), (dw if mask[1] else None), (db if mask[2] else None)
+
+
+# =========================================================================================================
+# The step's loss and reparameterization primitives (value and input gradients in one call, no autograd)
+# =========================================================================================================
+@_dispatch.register("softplus_terms", "native")
+def softplus_terms_native(xs: list, signs: list, coeffs: list):
+    _check_dtypes(**{f"logits[{i}]": x for i, x in enumerate(xs)})
+    with torch.no_grad():
+        out = _ops.softplus_losses(xs, signs, coeffs, True)
+    return out[0], list(out[1:])
+
+
+@_dispatch.register("feature_recon_terms", "native")
+def feature_recon_terms_native(features_real: Tensor, features_fake: Tensor):
+    _check_dtypes(features_real=features_real, features_fake=features_fake)
+    with torch.no_grad():
+        return tuple(_ops.feature_recon_loss(features_real, features_fake, True))
+
+
+@_dispatch.register("reparam_kl_forward", "native")
+def reparam_kl_forward_native(mu: Tensor, logvar: Tensor, eps: Tensor):
+    _check_dtypes(mu=mu, logvar=logvar, eps=eps)
+    with torch.no_grad():
+        return tuple(_ops.reparam_kl(mu, logvar, eps))
+
+
+@_dispatch.register("reparam_kl_backward", "native")
+def reparam_kl_backward_native(mu: Tensor, logvar: Tensor, eps: Tensor, grad_z: Tensor, grad_kl: Tensor):
+    with torch.no_grad():
+        return tuple(_ops.reparam_kl_backward(mu, logvar, eps, grad_z, grad_kl, False)[:2])

@@ -370,3 +370,24 @@ def dense_backward_triton(dy: Tensor, x: Tensor, weight: Tensor, saved: Tensor, 
     dx, dw, db = linear_act_backward_op(dy, x, weight, saved, want_db, activation, float(negative_slope), False,
                                         need_dx, need_dw)
     return dx if need_dx else None, dw if need_dw else None, db if want_db else None
+
+
+@_dispatch.register("softplus_terms", "triton")
+def softplus_terms_triton(xs: list, signs: list, coeffs: list):
+    out = softplus_losses_op(xs, signs, coeffs, True)
+    return out[0], list(out[1:])
+
+
+@_dispatch.register("feature_recon_terms", "triton")
+def feature_recon_terms_triton(features_real: Tensor, features_fake: Tensor):
+    return feature_recon_loss_op(features_real, features_fake, True)
+
+
+@_dispatch.register("reparam_kl_forward", "triton")
+def reparam_kl_forward_triton(mu: Tensor, logvar: Tensor, eps: Tensor):
+    return reparam_kl_op(mu, logvar, eps, 0)
+
+
+@_dispatch.register("reparam_kl_backward", "triton")
+def reparam_kl_backward_triton(mu: Tensor, logvar: Tensor, eps: Tensor, grad_z: Tensor, grad_kl: Tensor):
+    return reparam_kl_backward_op(mu, logvar, eps, 0, grad_z, grad_kl, False)[:2]

@@ -92,3 +92,35 @@ def feature_recon_loss(features_real: torch.Tensor, features_fake: torch.Tensor,
     _validate.same_dtype(features_real=features_real, features_fake=features_fake)
     _, impl = _dispatch.resolve(FEATURE_RECON_OP, backend, device)
     return impl(features_real, features_fake)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Loss primitives of the explicit training step (vaegan_fast/step.py): the value and the gradient with
+# respect to the inputs in one call, no autograd. Each backend registers its fused kernel for them.
+# ---------------------------------------------------------------------------------------------------------
+SOFTPLUS_TERMS_OP, FEATURE_RECON_TERMS_OP = "softplus_terms", "feature_recon_terms"
+
+
+@_dispatch.register(SOFTPLUS_TERMS_OP, "reference")
+def softplus_terms_reference(xs: list, signs: list, coeffs: list):
+    """(sum_k c_k mean softplus(s_k x_k), [c_k s_k sigmoid(s_k x_k) / numel(x_k)])."""
+    loss = sum(c * softplus(s * x).mean() for x, s, c in zip(xs, signs, coeffs))
+    grads = [(c * s / x.numel()) * torch.sigmoid(s * x) for x, s, c in zip(xs, signs, coeffs)]
+    return loss, grads
+
+
+@_dispatch.register(FEATURE_RECON_TERMS_OP, "reference")
+def feature_recon_terms_reference(features_real: torch.Tensor, features_fake: torch.Tensor):
+    """(feature_recon_loss, its gradient with respect to features_real, (real - fake) / N)."""
+    diff = features_real - features_fake
+    return feature_recon_loss_reference(features_real, features_fake), diff / features_real.shape[0]
+
+
+def softplus_terms(xs: list, signs: list, coeffs: list, backend: str):
+    _, impl = _dispatch.resolve(SOFTPLUS_TERMS_OP, backend, xs[0].device)
+    return impl(list(xs), [float(s) for s in signs], [float(c) for c in coeffs])
+
+
+def feature_recon_terms(features_real: torch.Tensor, features_fake: torch.Tensor, backend: str):
+    _, impl = _dispatch.resolve(FEATURE_RECON_TERMS_OP, backend, features_real.device)
+    return impl(features_real, features_fake)

@@ -61,3 +61,34 @@ def reparam_kl(mu: torch.Tensor, logvar: torch.Tensor, eps: Optional[torch.Tenso
     if eps is None:
         eps = torch.randn(mu.shape, generator=generator, device=device, dtype=mu.dtype)
     return impl(mu, logvar, eps)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Primitives of the explicit training step (vaegan_fast/step.py): forward, and backward from given upstream
+# gradients, no autograd. Each backend registers its fused kernels for them.
+#   d mu = dz + dkl * mu        d logvar = 0.5 dz exp(logvar / 2) eps + 0.5 dkl (exp(logvar) - 1)
+# ---------------------------------------------------------------------------------------------------------
+FORWARD_OP, BACKWARD_OP = "reparam_kl_forward", "reparam_kl_backward"
+
+
+@_dispatch.register(FORWARD_OP, "reference")
+def reparam_kl_forward_reference(mu, logvar, eps):
+    return reparam_kl_reference(mu, logvar, eps)
+
+
+@_dispatch.register(BACKWARD_OP, "reference")
+def reparam_kl_backward_reference(mu, logvar, eps, grad_z, grad_kl):
+    std = torch.exp(0.5 * logvar)
+    grad_mu = grad_z + grad_kl[:, None] * mu
+    grad_logvar = 0.5 * grad_z * std * eps + 0.5 * grad_kl[:, None] * (std * std - 1.0)
+    return grad_mu, grad_logvar
+
+
+def reparam_kl_forward(mu, logvar, eps, backend: str):
+    _, impl = _dispatch.resolve(FORWARD_OP, backend, mu.device)
+    return impl(mu, logvar, eps)
+
+
+def reparam_kl_backward(mu, logvar, eps, grad_z, grad_kl, backend: str):
+    _, impl = _dispatch.resolve(BACKWARD_OP, backend, mu.device)
+    return impl(mu, logvar, eps, grad_z, grad_kl)
