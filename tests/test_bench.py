@@ -31,7 +31,7 @@ def test_a_provider_that_disagrees_with_the_reference_is_caught():
 def test_run_writes_json_and_markdown_with_every_field(tmp_path):
     out = tmp_path / "r.json"
     done = subprocess.run([sys.executable, str(BENCH / "run.py"), "--ops", "feature_recon_loss", "--presets", "seed",
-                           "--no-compile", "--budget", "0.02", "--json", str(out)],
+                           "--no-compile", "--budget", "0.02", "--json", str(out), "--plot"],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
     result = json.loads(out.read_text())
@@ -45,3 +45,5 @@ def test_run_writes_json_and_markdown_with_every_field(tmp_path):
     eager = next(r for r in result["e2e"] if r["provider"] == "eager")
     assert eager["operator_calls"] > 100 and eager["saved_bytes"] > 0 and eager["samples_per_s"] > 0
     assert "| preset |" in out.with_suffix(".md").read_text()
+    for chart in ("r-e2e.png", "r-kernels.png"):
+        assert (tmp_path / chart).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
