@@ -1,7 +1,7 @@
 // The schemas of the native CPU ops, all in one place. The kernels (TORCH_LIBRARY_IMPL for CPU) live in
-// reparam_kl.cpp, gan_losses.cpp and linear_act.cpp, one file per op with its math and bytes moved; the
-// fake (meta) implementations and the autograd formulas are registered from Python, in
-// vaegan_fast/ops/_native.py. Load with torch.ops.load_library(path) after importing torch.
+// reparam_kl.cpp, gan_losses.cpp and linear_act.cpp, one file per op with its math, bytes moved and autograd
+// formula; the fake (meta) implementations are registered from Python, in vaegan_fast/ops/_native.py. Load
+// with torch.ops.load_library(path) after importing torch.
 #include <torch/library.h>
 
 TORCH_LIBRARY(vaegan_fast_native, m) {

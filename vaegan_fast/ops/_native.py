@@ -2,10 +2,10 @@
 
 The library ``vaegan_fast/_native/libvaegan_fast_native*.so`` is built by the top-level CMakeLists.txt when
 the package is installed (``pip install --no-build-isolation -e .``; setup.py drives CMake). It defines the
-ops ``torch.ops.vaegan_fast_native.*`` (schemas in kernels/cpu/library.cpp) with CPU kernels; this module
-adds their fake (meta) implementations and autograd formulas with ``torch.library``; their
-autograd formulas are C++ (torch::autograd::Function registered at the Autograd key, in the same .cpp files,
-so no Python runs between the call and the kernel). ``torch.library.opcheck`` and torch.compile see ordinary
+ops ``torch.ops.vaegan_fast_native.*`` (schemas in kernels/cpu/library.cpp) with CPU kernels and their
+autograd formulas in C++ (torch::autograd::Function registered at the Autograd key, in the same .cpp files,
+so no Python runs between the call and the kernel); this module adds their fake (meta) implementations
+with ``torch.library``. ``torch.library.opcheck`` and torch.compile see ordinary
 custom ops. This module registers one implementation per op with the dispatcher under "native".
 
 Importing this module raises ImportError when the library is missing or fails to load; ``ops/__init__``
