@@ -363,9 +363,8 @@ class Model(nn.Module):
                 if dp is not None:
                     pending[name] = dp.start_average(net_grads)
 
-            with torch.no_grad():
-                eps, z_prior = self._draw_noise(x.shape[0], 2, x.dtype)
-                grads, losses = routed_step_gradients(self, x, eps, z_prior, start_average)
+            eps, z_prior = self._draw_noise(x.shape[0], 2, x.dtype)
+            grads, losses = routed_step_gradients(self, x, eps, z_prior, start_average)
         else:
             losses = self._losses(x)
         if dp is not None:

@@ -82,10 +82,11 @@ def _backward(layers: list, cache: list, dy: torch.Tensor, rows: slice, top: int
 
 
 def _param_grads(layers_grads: dict, count: int) -> list:
+    """The gradients in the order of the network's parameters: each layer's weight, then its bias if any."""
     out = []
     for i in range(count):
         dw, db = layers_grads[i]
-        out += [dw, db]
+        out += [dw] if db is None else [dw, db]
     return out
 
 
@@ -142,13 +143,13 @@ def routed_step_gradients(model, x: torch.Tensor, eps: torch.Tensor, z_prior: to
     fakes_end = 3 * batch if cfg["recon_as_fake"] else 2 * batch  # rows [batch, fakes_end) are the fakes
     fakes = [s_prior, s_rec] if cfg["recon_as_fake"] else [s_prior]
     ones = [1.0] * len(fakes)
-    disc_loss, grads = softplus_terms([s_real, *fakes], [-1.0, *ones], [1.0, *ones], backend)
-    grad_scores_d = torch.cat(grads)  # rows [real; prior (; reconstruction)]
+    disc_loss, score_grads = softplus_terms([s_real, *fakes], [-1.0, *ones], [1.0, *ones], backend)
+    grad_scores_d = torch.cat(score_grads)  # rows [real; prior (; reconstruction)]
     if cfg["saturating"]:
-        gen_loss, grads = softplus_terms(fakes, ones, [-1.0] * len(fakes), backend)
+        gen_loss, score_grads = softplus_terms(fakes, ones, [-1.0] * len(fakes), backend)
     else:
-        gen_loss, grads = softplus_terms(fakes, [-1.0] * len(fakes), ones, backend)
-    grad_scores_g = torch.cat(grads) if len(grads) > 1 else grads[0]
+        gen_loss, score_grads = softplus_terms(fakes, [-1.0] * len(fakes), ones, backend)
+    grad_scores_g = torch.cat(score_grads) if len(score_grads) > 1 else score_grads[0]
     d_real = softplus(-s_real).mean()  # the gate's statistics
     d_fake = softplus(s_prior).mean()
     prior = kl.mean()
