@@ -18,6 +18,7 @@ The same class trains the two ablations a VAE-GAN is judged against (``mode=``):
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import warnings
@@ -36,6 +37,8 @@ NETWORKS = ("encoder", "decoder", "discriminator")
 # The networks each mode trains.
 MODES = {"vaegan": NETWORKS, "vae": ("encoder", "decoder"), "gan": ("decoder", "discriminator")}
 OPTIMIZERS = {"adam": torch.optim.Adam, "rmsprop": torch.optim.RMSprop}
+# The dtype the step computes in; parameters, optimizer states and updates stay in the parameters' dtype.
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
 CHECKPOINT_FORMAT = "vaegan_fast/1"
 
 PRESETS = {
@@ -79,12 +82,16 @@ class Model(nn.Module):
                  recon_as_fake: bool = True, saturating: bool = False, gating: bool = False,
                  equilibrium: float = 0.68, margin: float = 0.35, feature_layer: int = -1,
                  optimizer: str = "adam", lr=2e-4, betas=(0.5, 0.999), backend: str = "auto",
-                 check_inputs: bool = True, seed: int = 0, mode: str = "vaegan", encoder: Optional[nn.Module] = None,
+                 check_inputs: bool = True, seed: int = 0, mode: str = "vaegan", precision: str = "fp32",
+                 encoder: Optional[nn.Module] = None,
                  decoder: Optional[nn.Module] = None, discriminator: Optional[nn.Module] = None):
         super().__init__()
         custom = [m is not None for m in (encoder, decoder, discriminator)]
         if any(custom) and not all(custom):
             raise ValueError("pass all three of encoder, decoder and discriminator, or none of them")
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {tuple(PRECISIONS)}, got {precision!r} (fp16 with loss "
+                             "scaling is not implemented yet)")
         if mode not in MODES:
             raise ValueError(f"mode must be one of {tuple(MODES)}, got {mode!r}")
         if mode == "vae" and (gating or pixel_weight <= 0):
@@ -104,7 +111,8 @@ class Model(nn.Module):
             gating=bool(gating), equilibrium=float(equilibrium), margin=float(margin),
             feature_layer=int(feature_layer), optimizer=optimizer, lr={k: float(v) for k, v in lrs.items()},
             betas={k: tuple(float(b) for b in v) for k, v in betas_per_net.items()}, backend=backend,
-            check_inputs=bool(check_inputs), seed=int(seed), mode=mode, custom_networks=all(custom))
+            check_inputs=bool(check_inputs), seed=int(seed), mode=mode, precision=precision,
+            custom_networks=all(custom))
 
         if all(custom):
             self.encoder, self.decoder, self.discriminator = encoder, decoder, discriminator
@@ -306,6 +314,11 @@ class Model(nn.Module):
                 "generator": gen_loss, "d_real": softplus(-s_real.detach()).mean(),
                 "d_fake": softplus(s_prior.detach()).mean()}
 
+    def _autocast(self):
+        """torch.autocast in the model's precision (a no-op context for fp32)."""
+        dtype = PRECISIONS[self.config["precision"]]
+        return torch.autocast(self.device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
     def losses(self, x: torch.Tensor) -> dict:
         """The three networks' losses on batch x ("encoder", "decoder", "discriminator") and their parts.
 
@@ -363,10 +376,16 @@ class Model(nn.Module):
                 if dp is not None:
                     pending[name] = dp.start_average(net_grads)
 
+            compute = PRECISIONS[self.config["precision"]] or x.dtype
             eps, z_prior = self._draw_noise(x.shape[0], 2, x.dtype)
-            grads, losses = routed_step_gradients(self, x, eps, z_prior, start_average)
+            grads, losses = routed_step_gradients(self, x.to(compute), eps.to(compute), z_prior.to(compute),
+                                                  start_average)
+            if compute != self.dtype:  # low-precision gradients, full-precision master weights and updates
+                grads = {n: [g.to(self.dtype) for g in gs] for n, gs in grads.items()}
+                losses = {k: v.to(self.dtype) for k, v in losses.items()}
         else:
-            losses = self._losses(x)
+            with self._autocast():
+                losses = self._losses(x)
         if dp is not None:
             # One all-reduce for every reported loss, the gate's statistics among them: all ranks decide alike.
             keys = list(losses)

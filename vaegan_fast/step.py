@@ -48,8 +48,10 @@ class _Layer:
     negative_slope: float
 
 
-def _layers(fused_linears) -> list:
-    return [_Layer(l.weight, l.bias, l.activation, l.negative_slope) for l in fused_linears]
+def _layers(fused_linears, dtype: torch.dtype) -> list:
+    """The layers' parameters in the step's compute dtype (a cast copy when it differs from theirs)."""
+    return [_Layer(l.weight.to(dtype), None if l.bias is None else l.bias.to(dtype), l.activation,
+                   l.negative_slope) for l in fused_linears]
 
 
 def _forward(layers: list, x: torch.Tensor, backend: str) -> tuple:
@@ -105,9 +107,9 @@ def routed_step_gradients(model, x: torch.Tensor, eps: torch.Tensor, z_prior: to
     cfg, backend = model.config, model.config["backend"]
     batch = x.shape[0]
     body = list(model.encoder.body.layers) if hasattr(model.encoder.body, "layers") else []
-    enc_layers = _layers(body + [model.encoder.head])
-    dec_layers = _layers(model.decoder.net.layers)
-    dis_layers = _layers(model.discriminator.net.layers)
+    enc_layers = _layers(body + [model.encoder.head], x.dtype)  # computes in x's dtype (the model's precision)
+    dec_layers = _layers(model.decoder.net.layers, x.dtype)
+    dis_layers = _layers(model.discriminator.net.layers, x.dtype)
     feature_layer = model.discriminator.feature_layer % (len(dis_layers) - 1)
     latent = cfg["latent_dim"]
 

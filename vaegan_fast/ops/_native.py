@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from . import _dispatch
+from ._autocast import cast_under_autocast, upcast_under_autocast
 from .linear_act import ACTIVATIONS
 
 BUILD_HINT = "build it with `pip install --no-build-isolation -e .`"
@@ -82,8 +83,10 @@ def _(mu, logvar, eps, grad_z, grad_kl, need_grad_eps):
 
 @_dispatch.register("reparam_kl", "native")
 def reparam_kl_native(mu: Tensor, logvar: Tensor, eps: Tensor):
+    mu, logvar, eps = upcast_under_autocast(mu, logvar, eps)
     _check_dtypes(mu=mu, logvar=logvar, eps=eps)
-    return _ops.reparam_kl(mu, logvar, eps)
+    with _no_autocast():
+        return _ops.reparam_kl(mu, logvar, eps)
 
 
 # =========================================================================================================
@@ -104,13 +107,20 @@ def _(stored, grad, want_negated):
     return stored.new_empty(stored.shape), stored.new_empty(stored.shape if want_negated else (0,))
 
 
+def _no_autocast():
+    # The kernels' own ATen calls (BLAS products) must not be recast by an enclosing autocast.
+    return torch.autocast("cpu", enabled=False)
+
+
 def _need_grad(*tensors) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
 def _softplus_losses(xs, signs, coeffs) -> Tensor:
+    xs = list(upcast_under_autocast(*xs))
     _check_dtypes(**{f"logits[{i}]": x for i, x in enumerate(xs)})
-    return _ops.softplus_losses(list(xs), signs, coeffs, _need_grad(*xs))[0]
+    with _no_autocast():
+        return _ops.softplus_losses(xs, signs, coeffs, _need_grad(*xs))[0]
 
 
 @_dispatch.register("discriminator_loss", "native")
@@ -129,8 +139,10 @@ def generator_loss_native(fake_logits: tuple, saturating: bool) -> Tensor:
 
 @_dispatch.register("feature_recon_loss", "native")
 def feature_recon_loss_native(features_real: Tensor, features_fake: Tensor) -> Tensor:
-    _check_dtypes(features_real=features_real, features_fake=features_fake)
-    return _ops.feature_recon_loss(features_real, features_fake, _need_grad(features_real, features_fake))[0]
+    a, b = upcast_under_autocast(features_real, features_fake)
+    _check_dtypes(features_real=a, features_fake=b)
+    with _no_autocast():
+        return _ops.feature_recon_loss(a, b, _need_grad(a, b))[0]
 
 
 # =========================================================================================================
@@ -160,8 +172,10 @@ _ACTIVATION_INDEX = {name: i for i, name in enumerate(ACTIVATIONS)}
 @_dispatch.register("linear_act", "native")
 def linear_act_native(x: Tensor, weight: Tensor, bias: Optional[Tensor], activation: str,
                       negative_slope: float) -> Tensor:
+    x, weight, bias = cast_under_autocast(x, weight, bias)  # like F.linear under autocast
     _check_dtypes(x=x, weight=weight, bias=bias)
-    return _ops.linear_act(x, weight, bias, _ACTIVATION_INDEX[activation], float(negative_slope))[0]
+    with _no_autocast():
+        return _ops.linear_act(x, weight, bias, _ACTIVATION_INDEX[activation], float(negative_slope))[0]
 
 
 # =========================================================================================================

@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from . import _dispatch
+from ._autocast import cast_under_autocast, upcast_under_autocast
 
 
 def _import_kernels():
@@ -77,22 +78,6 @@ def _check_dtypes(**tensors) -> None:
         if t is not None and t.dtype not in kernels.SUPPORTED_DTYPES:
             raise TypeError(f"backend 'triton' supports {[str(d) for d in kernels.SUPPORTED_DTYPES]}; "
                             f"{name} has dtype {t.dtype}")
-
-
-def _autocast_dtype(device: torch.device) -> Optional[torch.dtype]:
-    """The autocast dtype active for ``device``'s type, or None when autocast is off there."""
-    if torch.is_autocast_enabled(device.type):
-        return torch.get_autocast_dtype(device.type)
-    return None
-
-
-def _upcast_under_autocast(*tensors):
-    """Under autocast, run fp16/bf16 inputs in fp32 (the ops' exp/log are on autocast's fp32 list)."""
-    dev = next(t for t in tensors if t is not None).device
-    if _autocast_dtype(dev) is None:
-        return tensors
-    return tuple(t.float() if t is not None and t.dtype in (torch.float16, torch.bfloat16) else t
-                 for t in tensors)
 
 
 # =========================================================================================================
@@ -151,7 +136,7 @@ reparam_kl_op.register_autograd(_reparam_backward, setup_context=_reparam_setup)
 @_dispatch.register("reparam_kl", "triton")
 def reparam_kl_triton(mu: Tensor, logvar: Tensor, eps: Optional[Tensor], seed: Optional[int] = None):
     _check_dtypes(mu=mu, logvar=logvar, eps=eps)
-    mu, logvar, eps = _upcast_under_autocast(mu, logvar, eps)
+    mu, logvar, eps = upcast_under_autocast(mu, logvar, eps)
     return reparam_kl_op(mu, logvar, eps, 0 if seed is None else int(seed))
 
 
@@ -204,7 +189,7 @@ def _need_grad(*tensors) -> bool:
 
 def _softplus_losses(xs, signs, coeffs):
     _check_dtypes(**{f"logits[{i}]": x for i, x in enumerate(xs)})
-    xs = list(_upcast_under_autocast(*xs))
+    xs = list(upcast_under_autocast(*xs))
     return softplus_losses_op(xs, signs, coeffs, _need_grad(*xs))[0]
 
 
@@ -255,7 +240,7 @@ feature_recon_loss_op.register_autograd(_feature_recon_backward, setup_context=_
 @_dispatch.register("feature_recon_loss", "triton")
 def feature_recon_loss_triton(features_real: Tensor, features_fake: Tensor) -> Tensor:
     _check_dtypes(features_real=features_real, features_fake=features_fake)
-    a, b = _upcast_under_autocast(features_real, features_fake)
+    a, b = upcast_under_autocast(features_real, features_fake)
     return feature_recon_loss_op(a, b, _need_grad(a, b))[0]
 
 
@@ -341,10 +326,7 @@ linear_act_op.register_autograd(_linear_backward, setup_context=_linear_setup)
 def linear_act_triton(x: Tensor, weight: Tensor, bias: Optional[Tensor], activation: str, negative_slope: float,
                       allow_tf32: bool = False) -> Tensor:
     _check_dtypes(x=x, weight=weight, bias=bias)
-    cast = _autocast_dtype(x.device)
-    if cast is not None:  # like F.linear under autocast: run in the autocast dtype
-        x, weight = x.to(cast), weight.to(cast)
-        bias = bias.to(cast) if bias is not None else None
+    x, weight, bias = cast_under_autocast(x, weight, bias)  # like F.linear under autocast
     save_preact = K_LINEAR.saves_preact(activation, negative_slope)
     return linear_act_op(x, weight, bias, activation, float(negative_slope), bool(allow_tf32), save_preact)[0]
 

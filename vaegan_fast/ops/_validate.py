@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import torch
 
+from ._autocast import autocast_dtype
+
 
 def floating_tensor(name: str, value) -> torch.Tensor:
     if not isinstance(value, torch.Tensor):
@@ -31,6 +33,9 @@ def same_device(**tensors: torch.Tensor) -> torch.device:
 
 
 def same_dtype(**tensors: torch.Tensor) -> torch.dtype:
+    first = next(t for t in tensors.values() if t is not None)
+    if autocast_dtype(first.device) is not None:
+        return first.dtype  # under autocast, mixed dtypes are expected: each op casts (ops/_autocast.py)
     return _agree("dtype", TypeError, "has dtype", tensors)
 
 
