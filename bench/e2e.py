@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import copy
 import time
-from collections import Counter
 
 import torch
 
@@ -145,13 +144,6 @@ def saved_tensor_bytes(step, x) -> int:
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         step(x)
     return sum(seen.values())
-
-
-def op_histogram(step, x, top: int = 8) -> list:
-    from torch.profiler import ProfilerActivity, profile
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        step(x)
-    return Counter(e.name for e in prof.events() if _is_op(e.name)).most_common(top)
 
 
 def presets_for(names, gpu: bool) -> list:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from vaegan_fast.testing import FLOOR_ULPS, FP32_RELATIVE, FP64_RELATIVE, mismatch  # noqa: F401
+from vaegan_fast.testing import mismatch
 
 
 def assert_matches(name: str, actual: torch.Tensor, truth: torch.Tensor, eager: torch.Tensor | None = None):
