@@ -103,6 +103,9 @@ inline A lane_sum(const A* x, int64_t n) {
 }
 
 // Run f(task) for task in [0, ntasks), in parallel when there is more than one task.
+// Task lambdas capture by reference, and under -fno-strict-aliasing a store through an output pointer may
+// alias any captured variable: a scalar read inside a loop that stores would be reloaded every element and
+// the loop left scalar. Copy captured scalars into locals at the top of the task.
 template <typename F>
 inline void for_tasks(int64_t ntasks, const F& f) {
   if (ntasks <= 1) {

@@ -28,6 +28,7 @@ template <typename T>
 void softplus_kernel(const T* x, T* grad, int64_t n, acc_t<T> sign, acc_t<T> gscale, double* partials) {
   using A = acc_t<T>;
   for_tasks(ceil_div(n, kTask), [&](int64_t task) {
+    const A s = sign, gs = gscale;  // locals: see common.h on captured scalars
     A bx[kBlock], t[kBlock], e[kBlock], l[kBlock], bg[kBlock];
     const int64_t i1 = std::min(n, (task + 1) * kTask);
     double acc = 0;
@@ -35,7 +36,7 @@ void softplus_kernel(const T* x, T* grad, int64_t n, acc_t<T> sign, acc_t<T> gsc
       const int64_t m = std::min(kBlock, i1 - i0);
       const A* v = load(x + i0, bx, m);
       for (int64_t i = 0; i < m; ++i) {
-        t[i] = sign * v[i];
+        t[i] = s * v[i];
         e[i] = -std::abs(t[i]);
       }
       vexp(e, e, m);
@@ -44,7 +45,7 @@ void softplus_kernel(const T* x, T* grad, int64_t n, acc_t<T> sign, acc_t<T> gsc
       acc += lane_sum(l, m);
       if (grad) {
         A* g = out_ptr(grad + i0, bg);
-        for (int64_t i = 0; i < m; ++i) g[i] = gscale * (t[i] >= A(0) ? A(1) : e[i]) / (A(1) + e[i]);
+        for (int64_t i = 0; i < m; ++i) g[i] = gs * (t[i] >= A(0) ? A(1) : e[i]) / (A(1) + e[i]);
         finish(g, grad + i0, m);
       }
     }
@@ -56,6 +57,7 @@ template <typename T>
 void feature_recon_kernel(const T* a, const T* b, T* grad, int64_t n, acc_t<T> inv_rows, double* partials) {
   using A = acc_t<T>;
   for_tasks(ceil_div(n, kTask), [&](int64_t task) {
+    const A scale = inv_rows;  // a local: see common.h on captured scalars
     A ba[kBlock], bb[kBlock], d[kBlock], bg[kBlock];
     const int64_t i1 = std::min(n, (task + 1) * kTask);
     double acc = 0;
@@ -67,7 +69,7 @@ void feature_recon_kernel(const T* a, const T* b, T* grad, int64_t n, acc_t<T> i
       for (int64_t i = 0; i < m; ++i) {
         const A diff = va[i] - vb[i];
         d[i] = diff * diff;
-        g[i] = diff * inv_rows;
+        g[i] = diff * scale;
       }
       if (grad) finish(g, grad + i0, m);
       acc += lane_sum(d, m);
@@ -80,16 +82,17 @@ template <typename T>
 void scale_kernel(const T* stored, T* out, T* neg, int64_t n, acc_t<T> g) {
   using A = acc_t<T>;
   for_tasks(ceil_div(n, kTask), [&](int64_t task) {
+    const A gl = g;  // a local: see common.h on captured scalars
     A bs[kBlock], bo[kBlock], bn[kBlock];
     const int64_t i1 = std::min(n, (task + 1) * kTask);
     for (int64_t i0 = task * kTask; i0 < i1; i0 += kBlock) {
       const int64_t m = std::min(kBlock, i1 - i0);
       const A* s = load(stored + i0, bs, m);
       A* o = out_ptr(out + i0, bo);
-      for (int64_t i = 0; i < m; ++i) o[i] = g * s[i];
+      for (int64_t i = 0; i < m; ++i) o[i] = gl * s[i];
       if (neg) {
         A* q = out_ptr(neg + i0, bn);
-        for (int64_t i = 0; i < m; ++i) q[i] = -(g * s[i]);
+        for (int64_t i = 0; i < m; ++i) q[i] = -(gl * s[i]);
         finish(q, neg + i0, m);
       }
       finish(o, out + i0, m);
@@ -197,6 +200,7 @@ class SoftplusLossesFunction : public torch::autograd::Function<SoftplusLossesFu
     to_save.insert(to_save.end(), out.begin() + 1, out.end());
     ctx->save_for_backward(to_save);
     ctx->mark_non_differentiable(variable_list(out.begin() + 1, out.end()));
+    ctx->set_materialize_grads(false);  // else autograd allocates zeros for every stored-gradient output
     ctx->saved_data["signs"] = signs;
     ctx->saved_data["coeffs"] = coeffs;
     ctx->saved_data["need_grad"] = need_grad;
@@ -211,6 +215,7 @@ class SoftplusLossesFunction : public torch::autograd::Function<SoftplusLossesFu
     const bool stored = ctx->saved_data["need_grad"].toBool();
     const at::Tensor& g = grads[0];
     variable_list out(n + 3);
+    if (!g.defined()) return out;  // the loss is unused: no gradient
     for (size_t k = 0; k < n; ++k) {
       if (!ctx->needs_input_grad(k)) continue;
       if (at::GradMode::is_enabled() || !stored) {  // create_graph=True: differentiable ATen ops
@@ -239,6 +244,7 @@ class FeatureReconFunction : public torch::autograd::Function<FeatureReconFuncti
     auto [loss, grad] = op.call(a, b, need_grad);
     ctx->save_for_backward({a, b, grad});
     ctx->mark_non_differentiable({grad});
+    ctx->set_materialize_grads(false);  // else autograd allocates zeros shaped like the stored gradient
     ctx->saved_data["need_grad"] = need_grad;
     return {loss, grad};
   }
@@ -247,6 +253,7 @@ class FeatureReconFunction : public torch::autograd::Function<FeatureReconFuncti
     auto saved = ctx->get_saved_variables();
     const bool need_a = ctx->needs_input_grad(0), need_b = ctx->needs_input_grad(1);
     const at::Tensor& g = grads[0];
+    if (!g.defined()) return {at::Tensor(), at::Tensor(), at::Tensor()};  // the loss is unused
     if (at::GradMode::is_enabled() || !ctx->saved_data["need_grad"].toBool()) {
       auto da = g * (saved[0] - saved[1]) / double(saved[0].size(0));
       return {need_a ? da : at::Tensor(), need_b ? -da : at::Tensor(), at::Tensor()};

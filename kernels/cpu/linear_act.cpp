@@ -308,6 +308,7 @@ class LinearActFunction : public torch::autograd::Function<LinearActFunction> {
     const bool has_bias = bias.has_value() && bias->defined();
     ctx->save_for_backward({x, weight, has_bias ? *bias : at::Tensor(), keep_pre ? pre : y});
     ctx->mark_non_differentiable({pre});
+    ctx->set_materialize_grads(false);  // else autograd allocates zeros shaped like pre in every backward
     ctx->saved_data["act"] = act;
     ctx->saved_data["slope"] = slope;
     return {y, pre};
@@ -321,6 +322,7 @@ class LinearActFunction : public torch::autograd::Function<LinearActFunction> {
     std::array<bool, 3> mask = {ctx->needs_input_grad(0), ctx->needs_input_grad(1),
                                 bias.defined() && ctx->needs_input_grad(2)};
     const at::Tensor& gy = grads[0];
+    if (!gy.defined()) return variable_list(5);  // y is unused: no gradient
     if (at::GradMode::is_enabled()) {  // create_graph=True: differentiate the ATen reference
       variable_list wrt;
       for (const at::Tensor* t : {&x, &weight, &bias})

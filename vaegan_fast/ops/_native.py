@@ -51,7 +51,19 @@ def load_library(folder: str = LIB_DIR) -> None:
 
 
 load_library()
-_ops = torch.ops.vaegan_fast_native
+
+
+class _Ops:
+    """The library's ops as OpOverloads: calling ``.default`` directly skips the overload packet's Python
+    dispatch (a few microseconds a call, which is most of the cost of an op on a small tensor)."""
+
+    def __getattr__(self, name):
+        op = getattr(torch.ops.vaegan_fast_native, name).default
+        setattr(self, name, op)
+        return op
+
+
+_ops = _Ops()
 
 
 def _availability(device: torch.device) -> Optional[str]:
@@ -85,8 +97,7 @@ def _(mu, logvar, eps, grad_z, grad_kl, need_grad_eps):
 def reparam_kl_native(mu: Tensor, logvar: Tensor, eps: Tensor):
     mu, logvar, eps = upcast_under_autocast(mu, logvar, eps)
     _check_dtypes(mu=mu, logvar=logvar, eps=eps)
-    with _no_autocast():
-        return _ops.reparam_kl(mu, logvar, eps)
+    return _call(_ops.reparam_kl, mu, logvar, eps)
 
 
 # =========================================================================================================
@@ -107,9 +118,22 @@ def _(stored, grad, want_negated):
     return stored.new_empty(stored.shape), stored.new_empty(stored.shape if want_negated else (0,))
 
 
-def _no_autocast():
-    # The kernels' own ATen calls (BLAS products) must not be recast by an enclosing autocast.
-    return torch.autocast("cpu", enabled=False)
+def _call(op, *args):
+    """``op(*args)`` with CPU autocast off: the kernels' own ATen calls (BLAS products) must not be recast by an
+    enclosing autocast. Entering an autocast context costs microseconds, so it is done only when needed."""
+    if torch.is_autocast_enabled("cpu"):
+        with torch.autocast("cpu", enabled=False):
+            return op(*args)
+    return op(*args)
+
+
+def _untracked(op, *args):
+    """``op(*args)`` without recording autograd history (the step's primitives form their gradients
+    themselves); the step already runs under no_grad, so the context is entered only when needed."""
+    if torch.is_grad_enabled():
+        with torch.no_grad():
+            return op(*args)
+    return op(*args)
 
 
 def _need_grad(*tensors) -> bool:
@@ -119,8 +143,7 @@ def _need_grad(*tensors) -> bool:
 def _softplus_losses(xs, signs, coeffs) -> Tensor:
     xs = list(upcast_under_autocast(*xs))
     _check_dtypes(**{f"logits[{i}]": x for i, x in enumerate(xs)})
-    with _no_autocast():
-        return _ops.softplus_losses(xs, signs, coeffs, _need_grad(*xs))[0]
+    return _call(_ops.softplus_losses, xs, signs, coeffs, _need_grad(*xs))[0]
 
 
 @_dispatch.register("discriminator_loss", "native")
@@ -141,8 +164,7 @@ def generator_loss_native(fake_logits: tuple, saturating: bool) -> Tensor:
 def feature_recon_loss_native(features_real: Tensor, features_fake: Tensor) -> Tensor:
     a, b = upcast_under_autocast(features_real, features_fake)
     _check_dtypes(features_real=a, features_fake=b)
-    with _no_autocast():
-        return _ops.feature_recon_loss(a, b, _need_grad(a, b))[0]
+    return _call(_ops.feature_recon_loss, a, b, _need_grad(a, b))[0]
 
 
 # =========================================================================================================
@@ -174,8 +196,7 @@ def linear_act_native(x: Tensor, weight: Tensor, bias: Optional[Tensor], activat
                       negative_slope: float) -> Tensor:
     x, weight, bias = cast_under_autocast(x, weight, bias)  # like F.linear under autocast
     _check_dtypes(x=x, weight=weight, bias=bias)
-    with _no_autocast():
-        return _ops.linear_act(x, weight, bias, _ACTIVATION_INDEX[activation], float(negative_slope))[0]
+    return _call(_ops.linear_act, x, weight, bias, _ACTIVATION_INDEX[activation], float(negative_slope))[0]
 
 
 # =========================================================================================================
@@ -185,8 +206,7 @@ def linear_act_native(x: Tensor, weight: Tensor, bias: Optional[Tensor], activat
 def dense_forward_native(x: Tensor, weight: Tensor, bias: Optional[Tensor], activation: str, negative_slope: float):
     _check_dtypes(x=x, weight=weight, bias=bias)
     index = _ACTIVATION_INDEX[activation]
-    with torch.no_grad():
-        y, pre = _ops.linear_act(x, weight, bias, index, float(negative_slope))
+    y, pre = _untracked(_ops.linear_act, x, weight, bias, index, float(negative_slope))
     return y, (pre if keeps_preactivation(index, float(negative_slope)) else y)
 
 
@@ -196,9 +216,8 @@ def dense_backward_native(dy: Tensor, x: Tensor, weight: Tensor, saved: Tensor, 
     _check_dtypes(dy=dy, x=x, weight=weight, saved=saved)
     index = _ACTIVATION_INDEX[activation]
     mask = [bool(need_dx), bool(need_dw), bool(need_dw and has_bias)]
-    with torch.no_grad():
-        dx, dw, db = _ops.linear_act_backward(dy, x, weight, saved, not keeps_preactivation(index, negative_slope),
-                                              index, float(negative_slope), mask)
+    dx, dw, db = _untracked(_ops.linear_act_backward, dy, x, weight, saved,
+                            not keeps_preactivation(index, negative_slope), index, float(negative_slope), mask)
     return (dx if mask[0] else None), (dw if mask[1] else None), (db if mask[2] else None)
 
 
@@ -208,26 +227,22 @@ def dense_backward_native(dy: Tensor, x: Tensor, weight: Tensor, saved: Tensor, 
 @_dispatch.register("softplus_terms", "native")
 def softplus_terms_native(xs: list, signs: list, coeffs: list):
     _check_dtypes(**{f"logits[{i}]": x for i, x in enumerate(xs)})
-    with torch.no_grad():
-        out = _ops.softplus_losses(xs, signs, coeffs, True)
+    out = _untracked(_ops.softplus_losses, xs, signs, coeffs, True)
     return out[0], list(out[1:])
 
 
 @_dispatch.register("feature_recon_terms", "native")
 def feature_recon_terms_native(features_real: Tensor, features_fake: Tensor):
     _check_dtypes(features_real=features_real, features_fake=features_fake)
-    with torch.no_grad():
-        return tuple(_ops.feature_recon_loss(features_real, features_fake, True))
+    return tuple(_untracked(_ops.feature_recon_loss, features_real, features_fake, True))
 
 
 @_dispatch.register("reparam_kl_forward", "native")
 def reparam_kl_forward_native(mu: Tensor, logvar: Tensor, eps: Tensor):
     _check_dtypes(mu=mu, logvar=logvar, eps=eps)
-    with torch.no_grad():
-        return tuple(_ops.reparam_kl(mu, logvar, eps))
+    return tuple(_untracked(_ops.reparam_kl, mu, logvar, eps))
 
 
 @_dispatch.register("reparam_kl_backward", "native")
 def reparam_kl_backward_native(mu: Tensor, logvar: Tensor, eps: Tensor, grad_z: Tensor, grad_kl: Tensor):
-    with torch.no_grad():
-        return tuple(_ops.reparam_kl_backward(mu, logvar, eps, grad_z, grad_kl, False)[:2])
+    return tuple(_untracked(_ops.reparam_kl_backward, mu, logvar, eps, grad_z, grad_kl, False)[:2])

@@ -33,7 +33,10 @@ def same_device(**tensors: torch.Tensor) -> torch.device:
 
 
 def same_dtype(**tensors: torch.Tensor) -> torch.dtype:
-    first = next(t for t in tensors.values() if t is not None)
+    present = [t for t in tensors.values() if t is not None]
+    first = present[0]
+    if all(t.dtype == first.dtype for t in present):
+        return first.dtype
     if autocast_dtype(first.device) is not None:
         return first.dtype  # under autocast, mixed dtypes are expected: each op casts (ops/_autocast.py)
     return _agree("dtype", TypeError, "has dtype", tensors)
