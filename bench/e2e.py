@@ -6,8 +6,15 @@ Providers, all running the baseline's configuration (vaegan_fast.BASELINE_OPTION
   where the running torch has it, so its three autograd.grad calls land in one graph instead of breaking it
   (on a GPU also "compile[max-autotune-no-cudagraphs]" and "compile[reduce-overhead]");
 - "vaegan_fast[<backend>]": Model.train_step with backend="auto" and check_inputs=False (the baseline checks
-  nothing either).
-Each provider's losses over its first two steps are checked against the eager baseline's before it is timed.
+  nothing either); on a GPU also "vaegan_fast[<backend>,cudagraph]", the same step replayed from one CUDA
+  graph (vaegan_fast.CudaGraphStep; its first step runs eagerly, the second is captured, so the check below
+  covers a replay).
+Low precision (bf16, and fp16 on a GPU), per dtype:
+- "eager+autocast[<dtype>]": the baseline's step under torch.autocast, what a user gets without vaegan_fast;
+- "vaegan_fast[<backend>,<dtype>]": Model(precision=<dtype>): low-precision compute, fp32 master weights.
+Each provider's losses over its first two steps are checked against the fp32 eager baseline's before it is
+timed: fp32 providers to LOSS_RTOL; low-precision ones by the project's low-precision rule (at most twice the
+deviation of the autocast step in the same dtype, plus a floor of a few units in the last place).
 """
 from __future__ import annotations
 
@@ -21,6 +28,8 @@ from vaegan_fast import BASELINE_OPTIONS, Model, RECOMMENDED_BATCH
 from vaegan_fast.data import load_dataset
 
 LOSS_RTOL = 1e-4  # fp32 losses of the same math, summed in different orders
+LOW_PRECISION = {"bf16": torch.bfloat16, "fp16": torch.float16}
+ULP_FLOOR = 4  # units in the last place of the low-precision dtype, relative to the loss
 
 
 def load_batches(batch: int, count: int, device) -> tuple:
@@ -49,8 +58,10 @@ def _compile_step(step, mode):
     return torch.compile(step, mode=mode)
 
 
-def providers(model: Model, device, gpu: bool) -> dict:
-    """{name: step function taking a batch and returning (encoder, decoder, discriminator) losses}."""
+def providers(model: Model, device, gpu: bool, low_precisions=()) -> dict:
+    """{name: step function taking a batch and returning (encoder, decoder, discriminator) losses}.
+
+    ``low_precisions`` ("bf16", "fp16") adds, per dtype, the eager step under autocast and Model(precision=)."""
     out = {"eager": EagerVAEGAN.like(model).step}
     modes = ["default"] + (["max-autotune-no-cudagraphs", "reduce-overhead"] if gpu else [])
     for mode in modes:
@@ -66,7 +77,52 @@ def providers(model: Model, device, gpu: bool) -> dict:
 
     vaegan_step.model = ours
     out[f"vaegan_fast[{resolved}]"] = vaegan_step
+    if gpu:  # the same step captured in one CUDA graph (one eager warm-up step, then capture and replays)
+        from vaegan_fast import CudaGraphStep
+        graphed_model = copy.deepcopy(ours)
+        graphed = CudaGraphStep(graphed_model, warmup=1)
+
+        def graph_step(x, g=graphed):
+            s = g(x)
+            return s["encoder_loss"], s["decoder_loss"], s["discriminator_loss"]
+
+        graph_step.model = graphed_model
+        out[f"vaegan_fast[{resolved},cudagraph]"] = graph_step
+    for name in low_precisions:
+        out[f"eager+autocast[{name}]"] = _autocast_step(EagerVAEGAN.like(model), device, LOW_PRECISION[name])
+        low = make_model(model.preset_name, device, precision=name, backend="auto")
+        low.load_state_dict(model.state_dict(), strict=False)  # same weights (fp16 adds loss-scale state)
+
+        def low_step(x, m=low):
+            s = m.train_step(x)
+            return s["encoder_loss"], s["decoder_loss"], s["discriminator_loss"]
+
+        low_step.model = low
+        out[f"vaegan_fast[{resolved},{name}]"] = low_step
     return out
+
+
+def _autocast_step(base: EagerVAEGAN, device, dtype):
+    def step(x):
+        with torch.autocast(torch.device(device).type, dtype=dtype):
+            return base.step(x)
+    return step
+
+
+def precision_of(provider: str):
+    """The low-precision dtype name a provider runs in ("bf16", "fp16"), or None for fp32."""
+    for name in LOW_PRECISION:
+        if provider.endswith(f",{name}]") or provider == f"eager+autocast[{name}]":
+            return name
+    return None
+
+
+def low_precision_bounds(reference_losses, autocast_losses, name: str) -> list:
+    """Per-loss tolerance of a low-precision provider: twice the autocast step's deviation from fp32, plus
+    ULP_FLOOR units in the last place of the dtype (relative to the loss)."""
+    eps = torch.finfo(LOW_PRECISION[name]).eps
+    return [2 * abs(float(a) - float(r)) + ULP_FLOOR * eps * abs(float(r)) + 1e-6
+            for r, a in zip(reference_losses, autocast_losses)]
 
 
 def _resolved_backend(model: Model, device) -> str:
@@ -74,8 +130,15 @@ def _resolved_backend(model: Model, device) -> str:
     return _dispatch.resolve("linear_act", model.backend, torch.device(device))[0]
 
 
-def check(step, reference_losses, batches) -> tuple:
-    """Run the provider's first two steps; (problem or None, seconds the first call took)."""
+def first_losses(step, batches) -> list:
+    """The provider's losses over its first two steps, as fp64 CPU scalars."""
+    return [loss.double().cpu() for x in batches[:2] for loss in step(x)]
+
+
+def check(step, reference_losses, batches, bounds=None) -> tuple:
+    """Run the provider's first two steps; (problem or None, seconds the first call took).
+
+    Losses must match ``reference_losses`` to LOSS_RTOL, or within the absolute ``bounds`` when given."""
     t0 = time.perf_counter()
     try:
         first = step(batches[0])
@@ -85,7 +148,10 @@ def check(step, reference_losses, batches) -> tuple:
     except Exception as exc:
         return f"raised {type(exc).__name__}: {exc}", time.perf_counter() - t0
     for i, (got, want) in enumerate(zip((*first, *second), reference_losses)):
-        if not torch.isclose(got.double().cpu(), want, rtol=LOSS_RTOL, atol=1e-6):
+        got = got.double().cpu()
+        ok = (abs(float(got) - float(want)) <= bounds[i] if bounds is not None
+              else torch.isclose(got, want, rtol=LOSS_RTOL, atol=1e-6))
+        if not ok:
             name = ("encoder", "decoder", "discriminator")[i % 3]
             return f"step {i // 3 + 1} {name} loss {float(got):.6g} != eager {float(want):.6g}", first_s
     return None, first_s
@@ -123,11 +189,13 @@ def _is_op(name: str) -> bool:
 def routed_saved_bytes(model: Model, x) -> int:
     """Bytes the routed step keeps from its forward pass for its backward streams (it uses no autograd)."""
     from vaegan_fast.step import routed_step_gradients
+    from vaegan_fast.model import PRECISIONS
     memory = {}
     m = copy.deepcopy(model)
+    compute = PRECISIONS[m.config["precision"]] or x.dtype  # as train_step computes
     with torch.no_grad():
-        eps, z_prior = m._draw_noise(x.shape[0], 2, x.dtype)
-        routed_step_gradients(m, x, eps, z_prior, memory=memory)
+        eps, z_prior = m._draw_noise(x.shape[0], 2, compute)
+        routed_step_gradients(m, x.to(compute), eps, z_prior, memory=memory)
     return memory["saved_bytes"]
 
 
@@ -154,5 +222,8 @@ def presets_for(names, gpu: bool) -> list:
     return out
 
 
-def make_model(preset: str, device) -> Model:
-    return Model.preset(preset, **BASELINE_OPTIONS, check_inputs=False, backend="reference", seed=0).to(device)
+def make_model(preset: str, device, **options) -> Model:
+    options = {"check_inputs": False, "backend": "reference", "seed": 0, **options}
+    model = Model.preset(preset, **BASELINE_OPTIONS, **options).to(device)
+    model.preset_name = preset
+    return model

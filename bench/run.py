@@ -104,7 +104,7 @@ def bench_kernels(args, device, gpu, full, budget, dtypes, peaks):
     return rows
 
 
-def bench_e2e(args, device, gpu, budget):
+def bench_e2e(args, device, gpu, budget, dtypes):
     names = [] if args.presets == "none" else args.presets.split(",")
     for n in names:
         if n not in PRESETS:
@@ -115,20 +115,34 @@ def bench_e2e(args, device, gpu, budget):
         batches, source = e2e.load_batches(batch, 8, device)
         reference = e2e.EagerVAEGAN.like(model)
         want = [l.double().cpu() for x in batches[:2] for l in reference.step(x)]
-        providers = e2e.providers(model, device, gpu)
+        low = [d for d in dtypes if d in e2e.LOW_PRECISION and (gpu or d != "fp16")]  # CPU fp16 is emulated
+        providers = e2e.providers(model, device, gpu, low)
         if args.no_compile:
             providers = {n: f for n, f in providers.items() if not n.startswith("compile")}
-        status, first_call = {}, {}
+        status, first_call, autocast_losses = {}, {}, {}
         for name, step in providers.items():
-            problem, first_call[name] = e2e.check(step, want, batches)
+            if name.startswith("eager+autocast"):  # the low-precision yardstick: its losses set the bounds
+                t0 = time.perf_counter()
+                autocast_losses[e2e.precision_of(name)] = got = e2e.first_losses(step, batches)
+                first_call[name] = (time.perf_counter() - t0) / 2
+                status[name] = "ok" if all(torch.isfinite(v) for v in got) else "non-finite losses"
+        for name, step in providers.items():
+            if name in status:
+                continue
+            lowp = e2e.precision_of(name)
+            bounds = e2e.low_precision_bounds(want, autocast_losses[lowp], lowp) if lowp else None
+            problem, first_call[name] = e2e.check(step, want, batches, bounds)
             status[name] = problem or "ok"
         good = {n: s for n, s in providers.items() if status[n] == "ok"}
         pairs = {}
         for name, step in good.items():
             cycle = itertools.cycle(batches)
             pairs[name] = (None, lambda s=step, c=cycle: s(next(c)))
-        # Whole steps vary more than kernels: at least 15 rounds and a few seconds per preset.
-        times = timing.interleaved(pairs, device, max(budget * 12, 3.0), min_calls=15, warmup=3)
+        # Whole steps vary more than kernels: at least 15 rounds and a few seconds per preset (5 rounds
+        # when a provider takes seconds a step, as the autocast step does on CPUs without bf16 units).
+        slow = max(first_call.values()) > 1.0
+        times = timing.interleaved(pairs, device, max(budget * 12, 3.0), min_calls=5 if slow else 15,
+                                   warmup=1 if slow else 3)
         counted = {"eager": providers["eager"]}
         counted.update({n: s for n, s in providers.items() if n.startswith("vaegan_fast")})
         for name in providers:
@@ -139,6 +153,9 @@ def bench_e2e(args, device, gpu, budget):
                            samples_per_s=batch / (t.median_ms / 1e3),
                            vs_eager=_ratio(times["eager"].median_ms, t.median_ms) if "eager" in times else None,
                            vs_compile=_ratio(times["compile"].median_ms, t.median_ms) if "compile" in times else None)
+                yardstick = f"eager+autocast[{e2e.precision_of(name)}]"
+                if e2e.precision_of(name) and yardstick in times:
+                    row["vs_autocast"] = _ratio(times[yardstick].median_ms, t.median_ms)
             if name.startswith("compile"):
                 row["compile_s"] = first_call[name]
             if name in counted and status[name] == "ok":
@@ -164,7 +181,7 @@ def _fmt(v, spec):
 KERNEL_HEADER = ["op", "size", "dtype", "mode", "provider", "median ms", "p20-p80 ms", "GB/s", "TFLOP/s",
                  "% peak BW", "vs eager", "vs compile", "status"]
 E2E_HEADER = ["preset", "batch", "provider", "samples/s", "ms/step", "p20-p80 ms", "vs eager", "vs compile",
-              "compile s", "GFLOP", "GFLOP/s", "ops/step", "saved MB", "status"]
+              "vs autocast", "compile s", "GFLOP", "GFLOP/s", "ops/step", "saved MB", "status"]
 
 
 def kernel_cells(r):
@@ -182,6 +199,7 @@ def e2e_cells(r):
             _fmt(r.get("median_ms"), ".2f"), f"{_fmt(r.get('p20_ms'), '.2f')}-{_fmt(r.get('p80_ms'), '.2f')}",
             _fmt(r.get("vs_eager"), ".2f") + "x" if r.get("vs_eager") else "-",
             _fmt(r.get("vs_compile"), ".2f") + "x" if r.get("vs_compile") else "-",
+            _fmt(r.get("vs_autocast"), ".2f") + "x" if r.get("vs_autocast") else "-",
             _fmt(r.get("compile_s"), ".1f"), _fmt(r["flops"] / 1e9, ".3f") if r.get("flops") else "-",
             _fmt(r["flops"] / r["median_ms"] / 1e6, ".1f") if r.get("flops") and r.get("median_ms") else "-",
             _fmt(r.get("operator_calls"), "d"),
@@ -288,7 +306,7 @@ def main(argv=None):
         print(f"telemetry: {before['reason']}; going on without it")
     t0 = time.perf_counter()
     kernel_rows = bench_kernels(args, device, gpu, full, budget, dtypes, env["peaks"])
-    e2e_rows = bench_e2e(args, device, gpu, budget)
+    e2e_rows = bench_e2e(args, device, gpu, budget, dtypes)
     result = {"command": [sys.executable, *sys.argv], "started": started.isoformat(), "environment": env,
               "settings": {"full": full, "budget_s": budget, "dtypes": dtypes, "ops": args.ops,
                            "presets": args.presets, "compile": not args.no_compile},

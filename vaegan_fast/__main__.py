@@ -43,6 +43,8 @@ def main(argv=None) -> int:
     t.add_argument("--grid-every", type=int, default=500)
     t.add_argument("--log-every", type=int, default=10)
     t.add_argument("--no-progress", action="store_true")
+    t.add_argument("--cuda-graph", action="store_true",
+                   help="replay each step from one captured CUDA graph (GPU, single process)")
 
     s = sub.add_parser("sample", help="write a PNG grid of samples from a checkpoint")
     s.add_argument("--checkpoint", required=True)
@@ -73,7 +75,7 @@ def main(argv=None) -> int:
             train(_model_options(args), data=args.data, steps=args.steps, batch_size=batch, out=args.out,
                   preset=args.preset, resume=args.resume, device=args.device, seed=args.seed,
                   checkpoint_every=args.checkpoint_every, grid_every=args.grid_every, log_every=args.log_every,
-                  progress=not args.no_progress)
+                  progress=not args.no_progress, cuda_graph=args.cuda_graph)
         except KeyboardInterrupt:
             return 130
         except (NonFiniteLossError, FileExistsError, FileNotFoundError, ValueError) as exc:

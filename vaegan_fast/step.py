@@ -50,8 +50,9 @@ class _Layer:
 
 def _layers(fused_linears, dtype: torch.dtype) -> list:
     """The layers' parameters in the step's compute dtype (a cast copy when it differs from theirs)."""
-    return [_Layer(l.weight.to(dtype), None if l.bias is None else l.bias.to(dtype), l.activation,
-                   l.negative_slope) for l in fused_linears]
+    def cast(t):  # no call at all when the dtype already matches: a no-op .to() still costs a dispatch
+        return t if t is None or t.dtype == dtype else t.to(dtype)
+    return [_Layer(cast(l.weight), cast(l.bias), l.activation, l.negative_slope) for l in fused_linears]
 
 
 def _forward(layers: list, x: torch.Tensor, backend: str) -> tuple:

@@ -11,6 +11,7 @@ import torch
 
 from .data import BatchStream, load_dataset
 from .distributed import init_from_environment
+from .graphs import CudaGraphStep
 from .images import save_grid
 from .model import Model
 
@@ -48,12 +49,16 @@ def write_grids(model: Model, data, out: Path, tag: str, n: int = 64) -> None:
 
 def train(model_kwargs: dict, *, data: str, steps: int, batch_size: int, out: str, preset: str = "seed",
           resume: bool = False, device: str = "cpu", seed: int = 0, checkpoint_every: int = 500,
-          grid_every: int = 500, log_every: int = 10, progress: bool = True) -> Model:
+          grid_every: int = 500, log_every: int = 10, progress: bool = True, cuda_graph: bool = False) -> Model:
     """Train to ``steps`` total steps, resuming from ``out/checkpoint.pt`` when ``resume`` is set.
 
     Under torchrun (WORLD_SIZE > 1) every process trains data-parallel on its slice of each global batch of
     ``batch_size`` rows (vaegan_fast.distributed); rank 0 alone logs, draws grids and writes checkpoints.
+    ``cuda_graph`` replays each step from one CUDA graph (vaegan_fast.CudaGraphStep; GPU, one process, the
+    input value check off).
     """
+    if cuda_graph and (torch.device(device).type != "cuda" or int(os.environ.get("WORLD_SIZE", "1")) > 1):
+        raise ValueError("--cuda-graph needs --device cuda and a single process")
     dp = init_from_environment(device)
     main_rank = dp is None or dp.rank == 0
     out_dir = Path(out)
@@ -84,6 +89,10 @@ def train(model_kwargs: dict, *, data: str, steps: int, batch_size: int, out: st
         model.enable_data_parallel()
         rows = dp.local_rows(batch_size)
     run_info = {"data": data, "batch_size": batch_size, "seed": seed}
+    train_step = model.train_step
+    if cuda_graph:
+        model.config["check_inputs"] = False  # a graph cannot read values back; the data come from our loader
+        train_step = CudaGraphStep(model)
 
     def save() -> None:
         if main_rank and _all_finite(model):  # never replace a good checkpoint with poisoned weights
@@ -98,7 +107,7 @@ def train(model_kwargs: dict, *, data: str, steps: int, batch_size: int, out: st
     try:
         with open(metrics_path, "a") if main_rank else open(os.devnull, "w") as log:
             while model.step < steps:
-                stats = model.train_step(stream.batch(model.step)[rows])
+                stats = train_step(stream.batch(model.step)[rows])
                 step = model.step
                 if step % log_every == 0 or step == steps:
                     values = {k: float(v) for k, v in stats.items()}
