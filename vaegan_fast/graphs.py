@@ -77,7 +77,8 @@ class CudaGraphStep:
         if register is None:
             raise RuntimeError(f"this torch ({torch.__version__}) cannot register a custom generator with a CUDA "
                                "graph (CUDAGraph.register_generator_state): CUDA graph capture needs torch >= 2.5")
-        register(model._rng())  # each replay advances the noise stream instead of repeating one draw
+        with torch.cuda.device(model.device):
+            register(model._rng())  # each replay advances the noise stream instead of repeating one draw
         torch.cuda.synchronize(model.device)
         with _capturable(model), torch.cuda.graph(graph):
             stats = model.train_step(self.static_x)
