@@ -36,6 +36,8 @@ def test_refuses_checked_inputs_and_host_side_gating():
         CudaGraphStep(_model("cuda", check_inputs=True))
     with pytest.raises(ValueError, match="optimizer='adam'"):
         CudaGraphStep(_model("cuda", gating=True, optimizer="rmsprop"))
+    with pytest.raises(ValueError, match="precision='fp16' needs optimizer='adam'"):
+        CudaGraphStep(_model("cuda", precision="fp16", optimizer="rmsprop"))
 
 
 # ------------------------------------------------------------------------------------------ on a GPU
@@ -46,8 +48,9 @@ def _batches(n, rows=64, seed=0):
 
 @gpu
 @pytest.mark.parametrize("backend", ["triton", "reference"])
-@pytest.mark.parametrize("options", [{}, {"gating": True, "equilibrium": 0.9, "margin": 0.05}],
-                         ids=["plain", "gated"])
+@pytest.mark.parametrize("options", [{}, {"gating": True, "equilibrium": 0.9, "margin": 0.05},
+                                     {"precision": "fp16", "loss_scale": {"init": 2.0 ** 40, "growth_interval": 2}}],
+                         ids=["plain", "gated", "fp16-overflow-then-growth"])
 def test_replays_equal_eager_steps(backend, options):
     eager, graphed = _model("cuda", backend=backend, **options), _model("cuda", backend=backend, **options)
     step = CudaGraphStep(graphed, warmup=2)

@@ -57,6 +57,54 @@ def test_two_processes_equal_one_process_on_the_concatenated_batch(tmp_path, opt
             torch.testing.assert_close(got[key].double(), want[key].double(), rtol=1e-9, atol=1e-12, msg=key)
 
 
+def _low_precision_worker(rank, world, port, precision, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        torch.set_num_threads(1)
+        options = dict(loss_scale=dict(init=2.0 ** 8)) if precision == "fp16" else {}
+        model = Model(**SIZES, precision=precision, **options).enable_data_parallel()
+        rows = model.data_parallel.local_rows(8)
+        xs = batches()
+        states, stats = [], []
+        for i, x in enumerate(xs[:3]):
+            if precision == "fp16" and i == 1 and rank == 1:
+                # An Inf in one gradient of rank 1 alone, before the all-reduce.
+                start = model.data_parallel.start_average
+
+                def poisoned(grads):
+                    grads[0].fill_(float("inf"))
+                    model.data_parallel.start_average = start
+                    return start(grads)
+
+                model.data_parallel.start_average = poisoned
+            stats.append(model.train_step(x[rows]))
+            states.append({k: v.clone() for k, v in model.state_dict().items()})
+        torch.save({"states": states, "stats": stats}, f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_low_precision_ranks_stay_in_lockstep_and_skip_an_overflow_together(tmp_path, precision):
+    """Gradients reach the fp32 master dtype before the all-reduce; in fp16 an overflow on one rank is in every
+    rank's sums after it, so every rank skips that step and halves its scale."""
+    out = str(tmp_path / "r.pt")
+    mp.spawn(_low_precision_worker, args=(2, free_port(), precision, out), nprocs=2, join=True)
+    ranks = [torch.load(f"{out}.{rank}", weights_only=True) for rank in range(2)]
+    for step in range(3):
+        for key, value in ranks[0]["states"][step].items():
+            assert torch.equal(value, ranks[1]["states"][step][key]), (step, key)
+    if precision == "fp16":
+        for run in ranks:
+            assert [bool(s["overflow"]) for s in run["stats"]] == [False, True, False]
+            assert [float(s["loss_scale"]) for s in run["stats"]] == [256.0, 128.0, 128.0]
+            for key, value in run["states"][0].items():
+                assert torch.equal(value, run["states"][1][key]), key  # the overflowing step changed nothing
+            assert not torch.equal(run["states"][1]["decoder.net.layers.0.weight"],
+                                   run["states"][2]["decoder.net.layers.0.weight"])
+
+
 TRAIN = ["-m", "vaegan_fast", "train", "--data", "synthetic", "--batch-size", "16", "--no-progress",
          "--log-every", "1", "--device", "cpu"]
 

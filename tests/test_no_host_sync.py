@@ -22,9 +22,15 @@ def host_reads_forbidden(monkeypatch):
         yield
 
 
-@pytest.mark.parametrize("options", [dict(), dict(gating=True), dict(gating=True, equilibrium=50.0),
-                                     dict(gating=True, equilibrium=-50.0)],
-                         ids=["plain", "gated", "discriminator skipped", "decoder skipped"])
+CASES = {"plain": dict(), "gated": dict(gating=True), "discriminator skipped": dict(gating=True, equilibrium=50.0),
+         "decoder skipped": dict(gating=True, equilibrium=-50.0),
+         # fp16: the overflow check, the skip and the scale's update stay on the device too
+         "fp16": dict(precision="fp16"), "fp16 gated": dict(precision="fp16", gating=True, equilibrium=50.0),
+         "fp16 overflowing": dict(precision="fp16", loss_scale=dict(init=2.0 ** 40)),
+         "fp16 autograd path": dict(precision="fp16", mode="vae")}
+
+
+@pytest.mark.parametrize("options", CASES.values(), ids=CASES.keys())
 def test_train_step_reads_no_value_on_the_host(monkeypatch, options):
     model = Model(**SIZES, **options, check_inputs=False)
     x = torch.rand(9, 20)

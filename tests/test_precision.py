@@ -1,4 +1,5 @@
-"""precision="bf16": the step computes in bf16 with fp32 master weights, as accurately as eager bf16."""
+"""precision="bf16" / "fp16": the step computes in low precision with fp32 master weights, as accurately as eager
+PyTorch does in that precision (fp16: with the same loss scaling, under autocast)."""
 import copy
 
 import pytest
@@ -39,9 +40,48 @@ def test_bf16_gradients_are_within_twice_eager_bf16_error(backend):
             assert problem is None, problem
 
 
+@pytest.mark.parametrize("backend", ["reference", "auto"])  # auto: fp16 layers on the reference, losses native
+def test_fp16_scaled_gradients_are_within_twice_eager_fp16_autocast_error(backend):
+    model = Model(**SIZES, backend=backend, precision="fp16")
+    x, eps, z_prior = torch.rand(16, 33), torch.randn(16, 5), torch.randn(16, 5)
+    scale = torch.tensor(2.0 ** 10)  # large enough to matter, small enough that nothing overflows here
+    truth, _ = routed_step_gradients(copy.deepcopy(model).double(), x.double(), eps.double(), z_prior.double())
+    eager_model = fixed_noise(copy.deepcopy(model), eps, z_prior)
+    eager_model.backend = "reference"
+    with torch.autocast("cpu", dtype=torch.float16):  # torch.amp's recipe: autocast, then grad of S * loss
+        losses = eager_model.losses(x)
+    eager = eager_model.routed_gradients(losses, loss_scale=scale)
+    ours, _ = routed_step_gradients(model, x.half(), eps, z_prior.half(), loss_scale=scale)
+    for name in NETWORKS:
+        for i, (got, want, low) in enumerate(zip(ours[name], truth[name], eager[name])):
+            assert got.dtype == torch.float16
+            problem = mismatch(f"{name} parameter {i} (times the loss scale)", got, want * 2.0 ** 10, low)
+            assert problem is None, problem
+
+
+def test_without_the_loss_scale_small_fp16_gradients_vanish():
+    """The scale has teeth: decoder gradients of about 4e-6 (a near-silent discriminator, no pixel term) lose
+    every digit in an unscaled fp16 backward and keep three with S = 2**12."""
+    model = Model(**SIZES, precision="fp16", pixel_weight=0.0, gamma=1e-3)
+    with torch.no_grad():
+        model.discriminator.net.layers[-1].weight.mul_(1e-3)
+    x, eps, z_prior = torch.rand(64, 33), torch.randn(64, 5), torch.randn(64, 5)
+    truth, _ = routed_step_gradients(copy.deepcopy(model).double(), x.double(), eps.double(), z_prior.double())
+
+    def worst_relative_error(loss_scale):
+        ours, _ = routed_step_gradients(model, x.half(), eps, z_prior.half(), loss_scale=loss_scale)
+        unscale = 1.0 if loss_scale is None else 1.0 / float(loss_scale)
+        return max(((got.double() * unscale - want).abs().max() / want.abs().max()).item()
+                   for got, want in zip(ours["decoder"], truth["decoder"]))
+
+    assert worst_relative_error(None) > 0.5
+    assert worst_relative_error(torch.tensor(2.0 ** 12)) < 0.05
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
 @pytest.mark.parametrize("mode", ["vaegan", "vae", "gan"])
-def test_bf16_training_keeps_fp32_master_weights(mode):
-    model = Model(**SIZES, precision="bf16", mode=mode, gating=mode != "vae")
+def test_low_precision_training_keeps_fp32_master_weights(mode, precision):
+    model = Model(**SIZES, precision=precision, mode=mode, gating=mode != "vae")
     for _ in range(3):
         stats = model.train_step(torch.rand(16, 33))
     assert all(p.dtype == torch.float32 for p in model.parameters())
@@ -54,4 +94,4 @@ def test_bf16_training_keeps_fp32_master_weights(mode):
 
 def test_unsupported_precision_is_refused():
     with pytest.raises(ValueError, match="precision must be one of"):
-        Model(**SIZES, precision="fp16")
+        Model(**SIZES, precision="fp8")

@@ -34,9 +34,12 @@ class CudaGraphStep:
         if model.config["check_inputs"]:
             raise ValueError("CUDA graph capture needs Model(check_inputs=False): the input check reads values "
                              "back to the host, which a graph cannot do")
-        if model.config["gating"] and model.config["optimizer"] != "adam":
-            raise ValueError(f"CUDA graph capture with gating=True needs optimizer='adam' (fused Adam skips a "
-                             f"gated update on the device); {model.config['optimizer']!r} decides on the host")
+        host_decisions = [what for what, on in (("gating=True", model.config["gating"]),
+                                                ("precision='fp16'", model.config["precision"] == "fp16")) if on]
+        if host_decisions and model.config["optimizer"] != "adam":
+            raise ValueError(f"CUDA graph capture with {' and '.join(host_decisions)} needs optimizer='adam' (fused "
+                             f"Adam skips a gated or overflowing update on the device); "
+                             f"{model.config['optimizer']!r} decides on the host")
         if model.data_parallel is not None:
             raise ValueError("CUDA graph capture of a data-parallel step is not supported: its all-reduces "
                              "wait on the host; train data-parallel without CudaGraphStep")

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import checkpoint
+from .loss_scale import DynamicLossScale, loss_scale_options
 from .nn import FusedLinear, MLPDecoder, MLPDiscriminator, MLPEncoder
 from .ops import discriminator_loss, feature_recon_loss, generator_loss, reparam_kl, softplus
 from .step import routed_step_gradients
@@ -38,7 +39,8 @@ NETWORKS = ("encoder", "decoder", "discriminator")
 MODES = {"vaegan": NETWORKS, "vae": ("encoder", "decoder"), "gan": ("decoder", "discriminator")}
 OPTIMIZERS = {"adam": torch.optim.Adam, "rmsprop": torch.optim.RMSprop}
 # The dtype the step computes in; parameters, optimizer states and updates stay in the parameters' dtype.
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
+# fp16 adds dynamic loss scaling (vaegan_fast/loss_scale.py).
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 CHECKPOINT_FORMAT = "vaegan_fast/1"
 
 PRESETS = {
@@ -83,15 +85,21 @@ class Model(nn.Module):
                  equilibrium: float = 0.68, margin: float = 0.35, feature_layer: int = -1,
                  optimizer: str = "adam", lr=2e-4, betas=(0.5, 0.999), backend: str = "auto",
                  check_inputs: bool = True, seed: int = 0, mode: str = "vaegan", precision: str = "fp32",
-                 encoder: Optional[nn.Module] = None,
+                 loss_scale: Optional[dict] = None, encoder: Optional[nn.Module] = None,
                  decoder: Optional[nn.Module] = None, discriminator: Optional[nn.Module] = None):
         super().__init__()
         custom = [m is not None for m in (encoder, decoder, discriminator)]
         if any(custom) and not all(custom):
             raise ValueError("pass all three of encoder, decoder and discriminator, or none of them")
         if precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {tuple(PRECISIONS)}, got {precision!r} (fp16 with loss "
-                             "scaling is not implemented yet)")
+            raise ValueError(f"precision must be one of {tuple(PRECISIONS)}, got {precision!r}")
+        if precision == "fp16":
+            loss_scale = loss_scale_options(loss_scale)
+            if backend == "native":
+                raise ValueError("backend='native' cannot compute in torch.float16 (its CPU kernels take float32, "
+                                 "bfloat16 and float64): use backend='auto' or 'reference' for precision='fp16'")
+        elif loss_scale is not None:
+            raise ValueError(f"loss_scale applies to precision='fp16' only, got it with precision={precision!r}")
         if mode not in MODES:
             raise ValueError(f"mode must be one of {tuple(MODES)}, got {mode!r}")
         if mode == "vae" and (gating or pixel_weight <= 0):
@@ -112,7 +120,7 @@ class Model(nn.Module):
             feature_layer=int(feature_layer), optimizer=optimizer, lr={k: float(v) for k, v in lrs.items()},
             betas={k: tuple(float(b) for b in v) for k, v in betas_per_net.items()}, backend=backend,
             check_inputs=bool(check_inputs), seed=int(seed), mode=mode, precision=precision,
-            custom_networks=all(custom))
+            loss_scale=loss_scale, custom_networks=all(custom))
 
         if all(custom):
             self.encoder, self.decoder, self.discriminator = encoder, decoder, discriminator
@@ -129,14 +137,16 @@ class Model(nn.Module):
         for name in NETWORKS:
             kwargs = {"lr": lrs[name]}
             if optimizer == "adam":
-                # One fused multi-tensor kernel per update; it also skips a gated update on the device
-                # (through found_inf, as AMP's grad scaler does) without a host round trip.
+                # One fused multi-tensor kernel per update; it also skips a gated or (fp16) overflowing update
+                # on the device (through found_inf, as AMP's grad scaler does) without a host round trip.
                 kwargs.update(betas=tuple(betas_per_net[name]), fused=True)
             self.optimizers[name] = opt_cls(getattr(self, name).parameters(), **kwargs)
 
         # How often the equilibrium gate skipped [the discriminator's, the decoder's] update: kept on the
         # device so that counting never waits for the host.
         self.register_buffer("gate_skips", torch.zeros(2, dtype=torch.long))
+        # fp16's loss scale: kept out of the buffers, so that model.double() or .half() cannot recast it.
+        self.loss_scaler = DynamicLossScale(**loss_scale) if loss_scale is not None else None
         self.step = 0
         self._generator: Optional[torch.Generator] = None
         self.data_parallel = None  # a vaegan_fast.distributed.DataParallel once enable_data_parallel() ran
@@ -357,32 +367,43 @@ class Model(nn.Module):
         """Whether train_step runs the explicit routed step (built-in MLPs, mode "vaegan")."""
         return not self.config["custom_networks"] and self.config["mode"] == "vaegan"
 
-    def routed_gradients(self, losses: dict, networks: Sequence[str] = NETWORKS) -> dict:
-        """Each named network's gradient of its own loss alone: {network: [grad per parameter]}."""
+    def routed_gradients(self, losses: dict, networks: Sequence[str] = NETWORKS,
+                         loss_scale: Optional[torch.Tensor] = None) -> dict:
+        """Each named network's gradient of its own loss alone (times ``loss_scale`` if given, a 0-dim tensor):
+        {network: [grad per parameter]}."""
         grads = {}
         for name in networks:
             params = self.parameters_of(name)
-            grads[name] = list(torch.autograd.grad(losses[name], params, retain_graph=True, allow_unused=True))
+            loss = losses[name] if loss_scale is None else losses[name] * loss_scale
+            grads[name] = list(torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True))
         return grads
 
     def train_step(self, x: torch.Tensor) -> dict:
         """One VAE-GAN update of all three networks; returns detached 0-dim tensors on the model's device."""
         x = self._check_batch(x)
-        dp = self.data_parallel
+        dp, scaler = self.data_parallel, self.loss_scaler
+        scale = None
+        if scaler is not None:
+            scaler.to(x.device)
+            scale = scaler.scale
         grads, pending = None, {}
         if self.uses_routed_step:
             # Built-in MLPs: each vector-Jacobian product formed once, without autograd (vaegan_fast/step.py).
-            def start_average(name, net_grads):
-                if dp is not None:
-                    pending[name] = dp.start_average(net_grads)
+            grads, master = {}, self.dtype
+            compute = PRECISIONS[self.config["precision"]] or master
 
-            compute = PRECISIONS[self.config["precision"]] or x.dtype
+            def network_done(name, net_grads):
+                # Low-precision gradients, full-precision master weights and updates. The cast comes before the
+                # all-reduce: a low-precision sum of scaled gradients would overflow sooner.
+                grads[name] = [g.to(master) for g in net_grads] if compute != master else net_grads
+                if dp is not None:
+                    pending[name] = dp.start_average(grads[name])
+
             eps, z_prior = self._draw_noise(x.shape[0], 2, x.dtype)
-            grads, losses = routed_step_gradients(self, x.to(compute), eps.to(compute), z_prior.to(compute),
-                                                  start_average)
-            if compute != self.dtype:  # low-precision gradients, full-precision master weights and updates
-                grads = {n: [g.to(self.dtype) for g in gs] for n, gs in grads.items()}
-                losses = {k: v.to(self.dtype) for k, v in losses.items()}
+            _, losses = routed_step_gradients(self, x.to(compute), eps, z_prior.to(compute), network_done,
+                                              loss_scale=scale)
+            if compute != master:
+                losses = {k: v.to(master) for k, v in losses.items()}
         else:
             with self._autocast():
                 losses = self._losses(x)
@@ -398,24 +419,38 @@ class Model(nn.Module):
         else:
             train_disc = train_dec = torch.ones((), dtype=torch.bool, device=x.device)
         gates = {"discriminator": train_disc, "decoder": train_dec}
-        device_gating = self.config["gating"] and self.config["optimizer"] == "adam"
-        for name, opt in self.optimizers.items():
-            # Fused Adam skips its whole update (state included) when found_inf is 1: no host sync.
-            opt.found_inf = (~gates[name]).float() if device_gating and name in gates else None
-        if self.config["gating"] and not device_gating:
+        # Fused Adam skips a gated or overflowing update on the device; with RMSprop the host reads the decision.
+        skips_on_device = self.config["optimizer"] == "adam"
+        if self.config["gating"] and not skips_on_device:
             trained = [n for n in trained if bool(gates.get(n, True))]  # reads the decision on the host
         if grads is None:
-            grads = self.routed_gradients(losses, trained)
+            grads = self.routed_gradients(losses, trained, loss_scale=scale)
             if dp is not None:
                 pending = {name: dp.start_average(net_grads) for name, net_grads in grads.items()}
         for name, work in pending.items():
             grads[name] = dp.finish_average(work)
+        overflow = None
+        if scaler is not None:
+            # After the all-reduce an Inf or NaN on any rank is in every rank's sums, so all ranks skip alike.
+            overflow = scaler.unscale_([g for net_grads in grads.values() for g in net_grads if g is not None])
+            if not skips_on_device and bool(overflow):  # reads the decision on the host
+                trained = []
+        for name, opt in self.optimizers.items():
+            # Fused Adam skips its whole update (state included) when found_inf is 1: no host sync. Its
+            # grad_scale stays unset: the gradients are already unscaled.
+            skip = overflow if skips_on_device else None
+            if skips_on_device and self.config["gating"] and name in gates:
+                gated = (~gates[name]).float()
+                skip = gated if skip is None else torch.maximum(skip, gated)
+            opt.found_inf = skip
         # All gradients are taken before any parameter changes in place.
         for name in trained:
             for p, g in zip(self.parameters_of(name), grads[name]):
                 p.grad = g
             self.optimizers[name].step()
             self.optimizers[name].zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.update_(overflow)
         self.gate_skips += torch.stack([~train_disc, ~train_dec]).long()
         self.step += 1
         stats = {"train_discriminator": train_disc, "train_decoder": train_dec}
@@ -425,17 +460,24 @@ class Model(nn.Module):
         for name in ("kl", "llike", "pixel", "d_real", "d_fake"):
             if name in report:
                 stats[name] = report[name]
+        if scaler is not None:
+            stats["overflow"] = overflow > 0
+            stats["loss_scale"] = scaler.scale.clone()  # a copy: the next step updates the scale in place
         return {k: v.detach() for k, v in stats.items()}
 
     # ----------------------------------------------------------------------------------------- checkpoints
     def checkpoint_state(self) -> dict:
         gen = self._rng()
-        return {"format": CHECKPOINT_FORMAT, "config": copy.deepcopy(self.config), "weights": self.state_dict(),
-                "optimizers": {n: opt.state_dict() for n, opt in self.optimizers.items()}, "step": self.step,
-                "rng_device": gen.device.type, "rng_state": gen.get_state()}
+        state = {"format": CHECKPOINT_FORMAT, "config": copy.deepcopy(self.config), "weights": self.state_dict(),
+                 "optimizers": {n: opt.state_dict() for n, opt in self.optimizers.items()}, "step": self.step,
+                 "rng_device": gen.device.type, "rng_state": gen.get_state()}
+        if self.loss_scaler is not None:
+            state["loss_scale"] = self.loss_scaler.state_dict()
+        return state
 
     def save(self, path: str | os.PathLike, extra: Optional[dict] = None) -> None:
-        """Write config, weights, optimizer states, step count and RNG state atomically to ``path``."""
+        """Write config, weights, optimizer states, step count, RNG state and (fp16) the loss scale atomically
+        to ``path``."""
         state = self.checkpoint_state()
         if extra is not None:
             state["extra"] = extra
@@ -460,6 +502,8 @@ class Model(nn.Module):
         model.load_state_dict(state["weights"])
         for name, opt in model.optimizers.items():
             opt.load_state_dict(state["optimizers"][name])
+        if model.loss_scaler is not None:
+            model.loss_scaler.load_state_dict(state["loss_scale"])
         model.step = int(state["step"])
         model.restore_rng(state["rng_device"], state["rng_state"])
         model.checkpoint_extra = state.get("extra")  # what the caller of save() stored beside the model

@@ -27,6 +27,12 @@ value and its gradient with respect to its inputs in one pass (``softplus_terms`
 ``reparam_kl_forward`` / ``reparam_kl_backward``), so on the triton and native backends the whole step is
 the project's kernels plus the optimizer. ``step_flops`` counts the products this performs;
 ``tests/test_step.py`` checks that the gradients equal those of the three-grad step.
+
+The step computes in x's dtype. In fp16, whose range is too narrow for the losses' sums and exp(logvar), the
+losses, the reparameterization and the gradients they seed run in fp32 (as they do under autocast), and with
+a ``loss_scale`` S every seed (the score, feature-reconstruction, pixel and KL gradients) enters the fp16
+backward multiplied by S, so that small gradients do not vanish: the gradients returned are S times the true
+ones (vaegan_fast/loss_scale.py).
 """
 from __future__ import annotations
 
@@ -84,6 +90,13 @@ def _backward(layers: list, cache: list, dy: torch.Tensor, rows: slice, top: int
     return dy, grads
 
 
+def _seed(grad: torch.Tensor, loss_scale, dtype: torch.dtype) -> torch.Tensor:
+    """A loss's gradient that starts a backward stream: times the loss scale, in the compute dtype."""
+    if loss_scale is not None:
+        grad = grad.mul_(loss_scale)
+    return grad.to(dtype)
+
+
 def _param_grads(layers_grads: dict, count: int) -> list:
     """The gradients in the order of the network's parameters: each layer's weight, then its bias if any."""
     out = []
@@ -95,8 +108,11 @@ def _param_grads(layers_grads: dict, count: int) -> list:
 
 @torch.no_grad()  # every gradient here is formed explicitly: autograd records nothing
 def routed_step_gradients(model, x: torch.Tensor, eps: torch.Tensor, z_prior: torch.Tensor,
-                          on_network_done=None, memory: dict | None = None) -> tuple:
+                          on_network_done=None, memory: dict | None = None, loss_scale=None) -> tuple:
     """({network: [grad per parameter]}, losses) of one VAE-GAN step of ``model``'s built-in MLPs.
+
+    x and z_prior are in the compute dtype; eps is cast to the reparameterization's. ``loss_scale`` (a 0-dim
+    device tensor, or None) multiplies every gradient returned.
 
     ``on_network_done(name, grads)``, if given, is called as soon as each network's gradients are complete
     (discriminator, decoder, encoder, in that order): data-parallel training starts its all-reduce there,
@@ -113,15 +129,17 @@ def routed_step_gradients(model, x: torch.Tensor, eps: torch.Tensor, z_prior: to
     dis_layers = _layers(model.discriminator.net.layers, x.dtype)
     feature_layer = model.discriminator.feature_layer % (len(dis_layers) - 1)
     latent = cfg["latent_dim"]
+    loss_dtype = torch.float32 if x.dtype == torch.float16 else x.dtype
 
     # ---- forward
     stats, enc_cache = _forward(enc_layers, x, backend)
     mu, logvar_raw = stats[:, :latent], stats[:, latent:]
     logvar = logvar_raw.clamp(LOGVAR_MIN, LOGVAR_MAX)
+    mu, logvar, eps = mu.to(loss_dtype), logvar.to(loss_dtype), eps.to(loss_dtype)
     z, kl = reparam_kl_forward(mu, logvar, eps, backend)
     # Row order [prior; reconstruction] in the decoder and [real; prior; reconstruction] in the
     # discriminator: every stream below then works on one contiguous block of rows.
-    logits, dec_cache = _forward(dec_layers, torch.cat([z_prior, z]), backend)
+    logits, dec_cache = _forward(dec_layers, torch.cat([z_prior, z.to(x.dtype)]), backend)
     # The images are written straight into the discriminator's input (no concatenation copy). Large
     # temporaries are costly on a CPU (each is fresh memory to fault in), so this section and the one
     # through the sigmoid below reuse buffers in place.
@@ -129,10 +147,10 @@ def routed_step_gradients(model, x: torch.Tensor, eps: torch.Tensor, z_prior: to
     dis_input[:batch].copy_(x)
     images = torch.sigmoid(logits, out=dis_input[batch:])
     scores, dis_cache = _forward(dis_layers, dis_input, backend)
-    scores = scores.reshape(3 * batch)
+    scores = scores.reshape(3 * batch).to(loss_dtype)
     s_real, s_prior, s_rec = scores[:batch], scores[batch:2 * batch], scores[2 * batch:]
     features = dis_cache[feature_layer + 1][0]
-    f_real, f_rec = features[:batch], features[2 * batch:]
+    f_real, f_rec = features[:batch].to(loss_dtype), features[2 * batch:].to(loss_dtype)
 
     if memory is not None:
         kept = [t for cache in (enc_cache, dec_cache, dis_cache) for pair in cache for t in pair]
@@ -142,17 +160,17 @@ def routed_step_gradients(model, x: torch.Tensor, eps: torch.Tensor, z_prior: to
 
     # ---- losses with their gradients, from the fused loss kernels (value and gradient in one pass)
     llike, grad_real = feature_recon_terms(f_real, f_rec, backend)
-    d_llike = grad_real.neg_()  # d llike / d f_rec = (f_rec - f_real) / B
+    d_llike = _seed(grad_real.neg_(), loss_scale, x.dtype)  # d llike / d f_rec = (f_rec - f_real) / B
     fakes_end = 3 * batch if cfg["recon_as_fake"] else 2 * batch  # rows [batch, fakes_end) are the fakes
     fakes = [s_prior, s_rec] if cfg["recon_as_fake"] else [s_prior]
     ones = [1.0] * len(fakes)
     disc_loss, score_grads = softplus_terms([s_real, *fakes], [-1.0, *ones], [1.0, *ones], backend)
-    grad_scores_d = torch.cat(score_grads)  # rows [real; prior (; reconstruction)]
+    grad_scores_d = _seed(torch.cat(score_grads), loss_scale, x.dtype)  # rows [real; prior (; reconstruction)]
     if cfg["saturating"]:
         gen_loss, score_grads = softplus_terms(fakes, ones, [-1.0] * len(fakes), backend)
     else:
         gen_loss, score_grads = softplus_terms(fakes, [-1.0] * len(fakes), ones, backend)
-    grad_scores_g = torch.cat(score_grads) if len(score_grads) > 1 else score_grads[0]
+    grad_scores_g = _seed(torch.cat(score_grads) if len(score_grads) > 1 else score_grads[0], loss_scale, x.dtype)
     d_real = softplus(-s_real).mean()  # the gate's statistics
     d_fake = softplus(s_prior).mean()
     prior = kl.mean()
@@ -162,7 +180,8 @@ def routed_step_gradients(model, x: torch.Tensor, eps: torch.Tensor, z_prior: to
     dec_loss = cfg["gamma"] * llike + gen_loss
     pixel = None
     if pixel_weight > 0:
-        pixel = torch.nn.functional.binary_cross_entropy_with_logits(x_rec_logits, x, reduction="sum") / batch
+        pixel = torch.nn.functional.binary_cross_entropy_with_logits(
+            x_rec_logits.to(loss_dtype), x.to(loss_dtype), reduction="sum") / batch
         enc_loss = enc_loss + pixel_weight * pixel
         dec_loss = dec_loss + pixel_weight * pixel
 
@@ -188,7 +207,9 @@ def routed_step_gradients(model, x: torch.Tensor, eps: torch.Tensor, z_prior: to
     dec_up.mul_(slope)
     enc_up = u_input.mul_(slope[batch:])  # u_input is not needed after this
     if pixel is not None:
-        d_pixel = torch.sub(images[batch:], x).mul_(pixel_weight / batch)
+        # One factor: pixel_weight / B alone would leave fp16 subnormals before the scale lifts them.
+        factor = pixel_weight / batch if loss_scale is None else loss_scale * (pixel_weight / batch)
+        d_pixel = torch.sub(images[batch:], x).mul_(factor)
         dec_up[batch:].add_(d_pixel)
         enc_up.add_(d_pixel)
 
@@ -200,9 +221,12 @@ def routed_step_gradients(model, x: torch.Tensor, eps: torch.Tensor, z_prior: to
     dz, _ = _backward(dec_layers, dec_cache, enc_up, slice(batch, None), top, False, True, backend)
 
     # ---- encoder: reparameterization, KL and the clamp, then the MLP
-    d_mu, d_logvar = reparam_kl_backward(mu, logvar, eps, dz, torch.full_like(kl, 1.0 / batch), backend)
+    grad_kl = torch.full_like(kl, 1.0 / batch)
+    if loss_scale is not None:
+        grad_kl.mul_(loss_scale)
+    d_mu, d_logvar = reparam_kl_backward(mu, logvar, eps, dz.to(loss_dtype), grad_kl, backend)
     d_logvar = d_logvar * ((logvar_raw >= LOGVAR_MIN) & (logvar_raw <= LOGVAR_MAX))
-    _, e_grads = _backward(enc_layers, enc_cache, torch.cat([d_mu, d_logvar], 1), slice(None),
+    _, e_grads = _backward(enc_layers, enc_cache, torch.cat([d_mu, d_logvar], 1).to(x.dtype), slice(None),
                            len(enc_layers) - 1, True, False, backend)
 
     grads["encoder"] = _param_grads(e_grads, len(enc_layers))

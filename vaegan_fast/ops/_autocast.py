@@ -22,6 +22,18 @@ def autocast_dtype(device: torch.device) -> Optional[torch.dtype]:
     return None
 
 
+def upcast_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """The dtype the losses and reparam+KL compute in for inputs of ``dtype`` (what a backend must take)."""
+    if dtype in (torch.float16, torch.bfloat16) and autocast_dtype(device) is not None:
+        return torch.float32
+    return dtype
+
+
+def cast_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """The dtype linear_act computes in for inputs of ``dtype`` (what a backend must take)."""
+    return autocast_dtype(device) or dtype
+
+
 def upcast_under_autocast(*tensors):
     """Under autocast, fp16/bf16 inputs in fp32 (for the losses and reparam+KL)."""
     dev = next(t for t in tensors if t is not None).device

@@ -2,9 +2,11 @@
 
 Every op has a plain-PyTorch ``reference`` implementation (its specification). Faster backends register
 an implementation per op under a name ("triton", "native") together with a check that says whether the
-backend can run on a given device. ``backend="auto"`` picks the first usable one in the order of
-preference for the device; naming an unknown backend is a ValueError, naming one that cannot run here is
-a BackendUnavailableError that says why.
+backend can run on a given device, and optionally the dtypes it computes in. ``backend="auto"`` picks the
+first usable one in the order of preference for the device, skipping a backend that cannot take the dtype
+(float16 on the native CPU backend); naming an unknown backend is a ValueError, naming one that cannot run
+here is a BackendUnavailableError that says why, and naming one that cannot take the dtype is a TypeError
+that names it.
 """
 from __future__ import annotations
 
@@ -21,6 +23,8 @@ _AUTO_ORDER = {"cuda": ("triton", "native", "reference"), "cpu": ("native", "ref
 _impls: dict[tuple[str, str], Callable] = {}
 # backend -> function(device) returning None when usable there, else the reason it is not.
 _availability: dict[str, Callable[[torch.device], Optional[str]]] = {"reference": lambda device: None}
+# backend -> the dtypes it computes in (a backend absent here takes every floating dtype).
+_dtypes: dict[str, tuple] = {}
 # backend -> why it failed to load (set by the module that tried to load it).
 _load_errors: dict[str, str] = {}
 # backends whose load failure "auto" has already warned about (one warning per backend and process).
@@ -46,6 +50,18 @@ def set_availability(backend: str, check: Callable[[torch.device], Optional[str]
     _availability[backend] = check
 
 
+def set_dtypes(backend: str, dtypes: tuple) -> None:
+    _dtypes[backend] = tuple(dtypes)
+
+
+def _dtype_refusal(backend: str, dtype: Optional[torch.dtype]) -> Optional[str]:
+    supported = _dtypes.get(backend)
+    if dtype is None or supported is None or dtype in supported:
+        return None
+    return (f"backend {backend!r} cannot compute in {dtype}; it takes "
+            f"{', '.join(str(d) for d in supported)}")
+
+
 def record_load_error(backend: str, reason: str) -> None:
     _load_errors[backend] = reason
 
@@ -58,11 +74,13 @@ def _unusable_reason(op: str, backend: str, device: torch.device) -> Optional[st
     return _availability[backend](device)
 
 
-def resolve(op: str, backend: str, device: torch.device) -> tuple[str, Callable]:
-    """Return ``(backend_name, implementation)`` of ``op`` for tensors on ``device``."""
+def resolve(op: str, backend: str, device: torch.device,
+            dtype: Optional[torch.dtype] = None) -> tuple[str, Callable]:
+    """Return ``(backend_name, implementation)`` of ``op`` for tensors on ``device`` that it computes in
+    ``dtype`` (None: do not check the dtype)."""
     if backend == "auto":
         for name in _AUTO_ORDER.get(device.type, ("reference",)):
-            if _unusable_reason(op, name, device) is None:
+            if _unusable_reason(op, name, device) is None and _dtype_refusal(name, dtype) is None:
                 return name, _impls[(op, name)]
             if name in _load_errors and name not in _warned_load_errors:
                 _warned_load_errors.add(name)
@@ -74,9 +92,13 @@ def resolve(op: str, backend: str, device: torch.device) -> tuple[str, Callable]
     reason = _unusable_reason(op, backend, device)
     if reason is not None:
         raise BackendUnavailableError(f"backend {backend!r} cannot run {op} on {device}: {reason}")
+    refusal = _dtype_refusal(backend, dtype)
+    if refusal is not None:
+        raise TypeError(f"{op}: {refusal}")
     return backend, _impls[(op, backend)]
 
 
-def available_backends(device: torch.device | str = "cpu", op: str = "linear_act") -> list[str]:
+def available_backends(device: torch.device | str = "cpu", op: str = "linear_act",
+                       dtype: Optional[torch.dtype] = None) -> list[str]:
     device = torch.device(device)
-    return [b for b in BACKENDS if _unusable_reason(op, b, device) is None]
+    return [b for b in BACKENDS if _unusable_reason(op, b, device) is None and _dtype_refusal(b, dtype) is None]

@@ -12,7 +12,8 @@ Importing this module raises ImportError when the library is missing or fails to
 records the reason, so ``backend="native"`` says how to build it and ``backend="auto"`` falls back to the
 reference (with one warning).
 
-dtypes: float32, bfloat16 (computed in fp32), float64 (for gradcheck). float16 is refused with a TypeError.
+dtypes: float32, bfloat16 (computed in fp32), float64 (for gradcheck). float16 is refused with a TypeError, and
+``backend="auto"`` passes float16 work to another backend.
 Double backward (``create_graph=True``): each C++ backward, when grad mode is on, computes its result with
 differentiable ATen ops from the saved tensors instead of calling the kernel.
 """
@@ -71,6 +72,7 @@ def _availability(device: torch.device) -> Optional[str]:
 
 
 _dispatch.set_availability("native", _availability)
+_dispatch.set_dtypes("native", SUPPORTED_DTYPES)
 
 
 def _check_dtypes(**tensors) -> None:

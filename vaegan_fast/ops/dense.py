@@ -63,11 +63,11 @@ def dense_backward_reference(dy, x, weight, saved, has_bias: bool, activation: s
 
 def dense_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], activation: str,
                   negative_slope: float, backend: str):
-    _, impl = _dispatch.resolve(FORWARD_OP, backend, x.device)
+    _, impl = _dispatch.resolve(FORWARD_OP, backend, x.device, x.dtype)
     return impl(x, weight, bias, activation, negative_slope)
 
 
 def dense_backward(dy, x, weight, saved, has_bias: bool, activation: str, negative_slope: float, need_dx: bool,
                    need_dw: bool, backend: str):
-    _, impl = _dispatch.resolve(BACKWARD_OP, backend, dy.device)
+    _, impl = _dispatch.resolve(BACKWARD_OP, backend, dy.device, dy.dtype)
     return impl(dy, x, weight, saved, has_bias, activation, negative_slope, need_dx, need_dw)

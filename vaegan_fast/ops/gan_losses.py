@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from . import _dispatch, _validate
+from ._autocast import upcast_dtype
 
 DISCRIMINATOR_OP = "discriminator_loss"
 GENERATOR_OP = "generator_loss"
@@ -65,7 +66,7 @@ def discriminator_loss(real_logits: torch.Tensor, *fake_logits: torch.Tensor, ba
         raise ValueError("discriminator_loss needs at least one fake_logits tensor after real_logits")
     named = [("real_logits", real_logits)] + [(f"fake_logits[{i}]", f) for i, f in enumerate(fake_logits)]
     device = _check_logits(named)
-    _, impl = _dispatch.resolve(DISCRIMINATOR_OP, backend, device)
+    _, impl = _dispatch.resolve(DISCRIMINATOR_OP, backend, device, upcast_dtype(real_logits.dtype, device))
     return impl(real_logits, tuple(fake_logits))
 
 
@@ -76,7 +77,7 @@ def generator_loss(*fake_logits: torch.Tensor, saturating: bool = False, backend
     if not isinstance(saturating, bool):
         raise TypeError(f"saturating must be a bool, got {type(saturating).__name__}")
     device = _check_logits([(f"fake_logits[{i}]", f) for i, f in enumerate(fake_logits)])
-    _, impl = _dispatch.resolve(GENERATOR_OP, backend, device)
+    _, impl = _dispatch.resolve(GENERATOR_OP, backend, device, upcast_dtype(fake_logits[0].dtype, device))
     return impl(tuple(fake_logits), saturating)
 
 
@@ -90,7 +91,7 @@ def feature_recon_loss(features_real: torch.Tensor, features_fake: torch.Tensor,
     _validate.nonempty_batch("features_real", features_real)
     device = _validate.same_device(features_real=features_real, features_fake=features_fake)
     _validate.same_dtype(features_real=features_real, features_fake=features_fake)
-    _, impl = _dispatch.resolve(FEATURE_RECON_OP, backend, device)
+    _, impl = _dispatch.resolve(FEATURE_RECON_OP, backend, device, upcast_dtype(features_real.dtype, device))
     return impl(features_real, features_fake)
 
 
@@ -117,10 +118,10 @@ def feature_recon_terms_reference(features_real: torch.Tensor, features_fake: to
 
 
 def softplus_terms(xs: list, signs: list, coeffs: list, backend: str):
-    _, impl = _dispatch.resolve(SOFTPLUS_TERMS_OP, backend, xs[0].device)
+    _, impl = _dispatch.resolve(SOFTPLUS_TERMS_OP, backend, xs[0].device, xs[0].dtype)
     return impl(list(xs), [float(s) for s in signs], [float(c) for c in coeffs])
 
 
 def feature_recon_terms(features_real: torch.Tensor, features_fake: torch.Tensor, backend: str):
-    _, impl = _dispatch.resolve(FEATURE_RECON_TERMS_OP, backend, features_real.device)
+    _, impl = _dispatch.resolve(FEATURE_RECON_TERMS_OP, backend, features_real.device, features_real.dtype)
     return impl(features_real, features_fake)

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _dispatch, _validate
+from ._autocast import cast_dtype
 
 OP = "linear_act"
 ACTIVATIONS = ("identity", "relu", "leaky_relu", "tanh", "sigmoid", "gelu")
@@ -83,7 +84,7 @@ def linear_act(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
     _validate.same_dtype(x=x, weight=weight, bias=bias)
     if not isinstance(allow_tf32, bool):
         raise TypeError(f"allow_tf32 must be a bool, got {type(allow_tf32).__name__}")
-    _, impl = _dispatch.resolve(OP, backend, device)
+    _, impl = _dispatch.resolve(OP, backend, device, cast_dtype(x.dtype, device))
     extra = {"allow_tf32": True} if allow_tf32 and getattr(impl, "accepts_allow_tf32", False) else {}
     if x.dim() == 2:  # the common case: no reshapes (each costs a dispatch on a small layer)
         return impl(x, weight, bias, activation, float(negative_slope), **extra)

@@ -13,6 +13,7 @@ from typing import Optional
 import torch
 
 from . import _dispatch, _validate
+from ._autocast import upcast_dtype
 
 OP = "reparam_kl"
 
@@ -53,7 +54,7 @@ def reparam_kl(mu: torch.Tensor, logvar: torch.Tensor, eps: Optional[torch.Tenso
             raise ValueError(f"seed must be an int in [0, 2**31), got {seed!r}")
     device = _validate.same_device(mu=mu, logvar=logvar, eps=eps)
     _validate.same_dtype(mu=mu, logvar=logvar, eps=eps)
-    _, impl = _dispatch.resolve(OP, backend, device)
+    _, impl = _dispatch.resolve(OP, backend, device, upcast_dtype(mu.dtype, device))
     if seed is not None:
         if getattr(impl, "draws_eps_from_seed", False):
             return impl(mu, logvar, None, seed=seed)
@@ -85,10 +86,10 @@ def reparam_kl_backward_reference(mu, logvar, eps, grad_z, grad_kl):
 
 
 def reparam_kl_forward(mu, logvar, eps, backend: str):
-    _, impl = _dispatch.resolve(FORWARD_OP, backend, mu.device)
+    _, impl = _dispatch.resolve(FORWARD_OP, backend, mu.device, mu.dtype)
     return impl(mu, logvar, eps)
 
 
 def reparam_kl_backward(mu, logvar, eps, grad_z, grad_kl, backend: str):
-    _, impl = _dispatch.resolve(BACKWARD_OP, backend, mu.device)
+    _, impl = _dispatch.resolve(BACKWARD_OP, backend, mu.device, mu.dtype)
     return impl(mu, logvar, eps, grad_z, grad_kl)
