@@ -1,6 +1,7 @@
 """Does the fusion pay off? Train a VAE, a GAN and a VAE-GAN the same way and compare them.
 
     python bench/quality.py --steps 3000 --seeds 0,1,2
+    python bench/quality.py --modes vaegan --precisions fp32,bf16   # is low-precision training as good?
 
 All three are vaegan_fast.Model with the "seed" preset's networks, trained on the Fashion-MNIST train split
 with the same batch size, step budget, optimizer (Adam, lr 2e-4, betas (0.5, 0.999)) and seeds; only `mode`
@@ -69,15 +70,24 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--samples", type=int, default=10000)
     p.add_argument("--out", default=None, help="folder for the runs (default bench/results/quality-runs)")
+    p.add_argument("--modes", default=",".join(MODES), help=f"comma list of {tuple(MODES)}")
+    p.add_argument("--precisions", default="fp32", help="comma list of Model precisions, e.g. fp32,bf16")
     args = p.parse_args(argv)
     seeds = [int(s) for s in args.seeds.split(",")]
+    modes = args.modes.split(",")
+    if any(m not in MODES for m in modes):
+        raise SystemExit(f"--modes: choose from {tuple(MODES)}, got {args.modes!r}")
+    precisions = args.precisions.split(",")
+    # One row per (mode, precision); precision is named in the row only when more than fp32 is compared.
+    variants = {(f"{m} ({p})" if precisions != ["fp32"] else m): {**MODES[m], "precision": p}
+                for m in modes for p in precisions}
     runs = Path(args.out) if args.out else RESULTS / "quality-runs"
     test = load_fashion_mnist("test")
 
     results = []
-    for mode, options in MODES.items():
+    for mode, options in variants.items():
         for seed in seeds:
-            out = runs / f"{mode}-seed{seed}"
+            out = runs / f"{mode.replace(' (', '-').rstrip(')')}-seed{seed}"
             if (out / "checkpoint.pt").exists():
                 (out / "checkpoint.pt").unlink()
             start = time.perf_counter()
@@ -86,7 +96,7 @@ def main(argv=None) -> int:
                           grid_every=args.steps, progress=False)
             seconds = time.perf_counter() - start
             result = evaluate_model(model, samples=args.samples, seed=seed, test=test)
-            result.update(seed=seed, train_seconds=seconds, steps=args.steps, options=options)
+            result.update(seed=seed, train_seconds=seconds, steps=args.steps, options=options, variant=mode)
             results.append(result)
             print(json.dumps({k: v for k, v in result.items() if k != "options"}), flush=True)
 
@@ -96,15 +106,15 @@ def main(argv=None) -> int:
     floor = frechet_distance(features(classifier, test.images), features(classifier, train_images))
 
     lines = [f"| model | {' | '.join(label for _, label, _ in METRICS)} |", "|---" * (len(METRICS) + 1) + "|"]
-    for mode in MODES:
-        rows = [r for r in results if r["mode"] == mode]
+    for mode in variants:
+        rows = [r for r in results if r["variant"] == mode]
         lines.append(f"| {mode} | " + " | ".join(_cell([r[k] for r in rows], spec) for k, _, spec in METRICS) + " |")
     lines.append(f"| real train images | - | - | {floor:.2f} | - | - | - |")
     table = "\n".join(lines)
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     stem = RESULTS / f"quality-{stamp}"
-    side_by_side({mode: runs / f"{mode}-seed{seeds[0]}" / "samples_final.png" for mode in MODES},
-                 stem.with_suffix(".png"))
+    side_by_side({mode: runs / f"{mode.replace(' (', '-').rstrip(')')}-seed{seeds[0]}" / "samples_final.png"
+                  for mode in variants}, stem.with_suffix(".png"))
     header = (f"{args.steps} steps, batch {args.batch_size}, seeds {seeds} (mean ± std), {args.samples} samples; "
               f"feature classifier test accuracy {accuracy:.4f}; torch {torch.__version__}; "
               f"command: `{' '.join([sys.executable.split('/')[-1], *sys.argv])}`")
