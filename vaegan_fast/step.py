@@ -43,6 +43,7 @@ import torch
 from .nn.networks import LOGVAR_MAX, LOGVAR_MIN
 from .ops.dense import dense_backward, dense_forward
 from .ops.gan_losses import feature_recon_terms, softplus, softplus_terms
+from .ops.image_head import image_head_backward, image_head_forward
 from .ops.reparam_kl import reparam_kl_backward, reparam_kl_forward
 
 
@@ -145,7 +146,10 @@ def routed_step_gradients(model, x: torch.Tensor, eps: torch.Tensor, z_prior: to
     # through the sigmoid below reuse buffers in place.
     dis_input = torch.empty(3 * batch, x.shape[1], device=x.device, dtype=x.dtype)
     dis_input[:batch].copy_(x)
-    images = torch.sigmoid(logits, out=dis_input[batch:])
+    images = dis_input[batch:]
+    pixel_weight = cfg["pixel_weight"]
+    # images = sigmoid(logits), and the pixel term of the reconstructions, in one pass (ops/image_head.py)
+    pixel = image_head_forward(logits, x, images, pixel_weight > 0, backend)
     scores, dis_cache = _forward(dis_layers, dis_input, backend)
     scores = scores.reshape(3 * batch).to(loss_dtype)
     s_real, s_prior, s_rec = scores[:batch], scores[batch:2 * batch], scores[2 * batch:]
@@ -174,14 +178,10 @@ def routed_step_gradients(model, x: torch.Tensor, eps: torch.Tensor, z_prior: to
     d_real = softplus(-s_real).mean()  # the gate's statistics
     d_fake = softplus(s_prior).mean()
     prior = kl.mean()
-    pixel_weight = cfg["pixel_weight"]
-    x_rec_logits = logits[batch:]
     enc_loss = prior + llike
     dec_loss = cfg["gamma"] * llike + gen_loss
-    pixel = None
-    if pixel_weight > 0:
-        pixel = torch.nn.functional.binary_cross_entropy_with_logits(
-            x_rec_logits.to(loss_dtype), x.to(loss_dtype), reduction="sum") / batch
+    if pixel is not None:
+        pixel = pixel.to(loss_dtype)
         enc_loss = enc_loss + pixel_weight * pixel
         dec_loss = dec_loss + pixel_weight * pixel
 
@@ -196,22 +196,10 @@ def routed_step_gradients(model, x: torch.Tensor, eps: torch.Tensor, z_prior: to
     u_input, _ = _backward(dis_layers, dis_cache, d_llike, slice(2 * batch, None), feature_layer, False, True,
                            backend)
 
-    # ---- through the sigmoid into the decoder's logits (rows [prior; reconstruction])
-    slope = torch.rsub(images, 1.0).mul_(images)  # sigmoid' = s (1 - s)
-    dec_up = torch.empty_like(images)
-    if cfg["recon_as_fake"]:
-        torch.add(g_input[batch:], u_input, alpha=cfg["gamma"], out=dec_up[batch:])
-    else:
-        torch.mul(u_input, cfg["gamma"], out=dec_up[batch:])
-    dec_up[:batch].copy_(g_input[:batch])
-    dec_up.mul_(slope)
-    enc_up = u_input.mul_(slope[batch:])  # u_input is not needed after this
-    if pixel is not None:
-        # One factor: pixel_weight / B alone would leave fp16 subnormals before the scale lifts them.
-        factor = pixel_weight / batch if loss_scale is None else loss_scale * (pixel_weight / batch)
-        d_pixel = torch.sub(images[batch:], x).mul_(factor)
-        dec_up[batch:].add_(d_pixel)
-        enc_up.add_(d_pixel)
+    # ---- through the sigmoid into the decoder's logits (rows [prior; reconstruction]), with the pixel term's
+    # gradient (times the loss scale in fp16) added on the reconstruction rows, in one pass
+    dec_up, enc_up = image_head_backward(images, x, g_input, u_input, cfg["gamma"], pixel_weight / batch,
+                                         cfg["recon_as_fake"], loss_scale, backend)
 
     # ---- decoder streams
     top = len(dec_layers) - 1

@@ -1,7 +1,7 @@
 // The schemas of the native CPU ops, all in one place. The kernels (TORCH_LIBRARY_IMPL for CPU) live in
-// reparam_kl.cpp, gan_losses.cpp and linear_act.cpp, one file per op with its math, bytes moved and autograd
-// formula; the fake (meta) implementations are registered from Python, in vaegan_fast/ops/_native.py. Load
-// with torch.ops.load_library(path) after importing torch.
+// reparam_kl.cpp, gan_losses.cpp, linear_act.cpp and image_head.cpp, one file per op with its math, bytes
+// moved and autograd formula; the fake (meta) implementations are registered from Python, in
+// vaegan_fast/ops/_native.py. Load with torch.ops.load_library(path) after importing torch.
 #include <torch/library.h>
 
 TORCH_LIBRARY(vaegan_fast_native, m) {
@@ -28,4 +28,11 @@ TORCH_LIBRARY(vaegan_fast_native, m) {
   m.def(
       "linear_act_backward(Tensor grad_y, Tensor x, Tensor weight, Tensor saved, bool saved_is_output, "
       "int activation, float negative_slope, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+  // The routed step's image head (image_head.cpp): images = sigmoid(logits) written into `images`, and the
+  // pixel BCE term of the reconstruction rows (0 unless with_pixel); backward: (dec_up, enc_up), the
+  // gradients at the decoder's logits and at its reconstruction rows for the encoder.
+  m.def("image_head_forward(Tensor logits, Tensor x, Tensor(a!) images, bool with_pixel) -> Tensor");
+  m.def(
+      "image_head_backward(Tensor images, Tensor x, Tensor g_fake, Tensor u_rec, float gamma, "
+      "float pixel_factor, bool recon_as_fake) -> (Tensor, Tensor)");
 }

@@ -248,3 +248,34 @@ def reparam_kl_forward_native(mu: Tensor, logvar: Tensor, eps: Tensor):
 @_dispatch.register("reparam_kl_backward", "native")
 def reparam_kl_backward_native(mu: Tensor, logvar: Tensor, eps: Tensor, grad_z: Tensor, grad_kl: Tensor):
     return tuple(_untracked(_ops.reparam_kl_backward, mu, logvar, eps, grad_z, grad_kl, False)[:2])
+
+
+# =========================================================================================================
+# The step's image head (ops/image_head.py): sigmoid + pixel term forward, the gradient through the sigmoid
+# =========================================================================================================
+@torch.library.register_fake("vaegan_fast_native::image_head_forward")
+def _(logits, x, images, with_pixel):
+    return logits.new_empty((), dtype=torch.float64 if logits.dtype == torch.float64 else torch.float32)
+
+
+@torch.library.register_fake("vaegan_fast_native::image_head_backward")
+def _(images, x, g_fake, u_rec, gamma, pixel_factor, recon_as_fake):
+    return images.new_empty(images.shape), images.new_empty(x.shape)
+
+
+@_dispatch.register("image_head_forward", "native")
+def image_head_forward_native(logits: Tensor, x: Tensor, images: Tensor, with_pixel: bool):
+    _check_dtypes(logits=logits, x=x, images=images)
+    pixel = _untracked(_ops.image_head_forward, logits, x, images, with_pixel)
+    return pixel if with_pixel else None
+
+
+@_dispatch.register("image_head_backward", "native")
+def image_head_backward_native(images: Tensor, x: Tensor, g_fake: Tensor, u_rec: Tensor, gamma: float,
+                               pixel_factor: float, recon_as_fake: bool, scale: Optional[Tensor]):
+    _check_dtypes(images=images, x=x, g_fake=g_fake, u_rec=u_rec)
+    if scale is not None:  # fp16's loss scale: the native kernels take no fp16, so this is never the fast path
+        from .image_head import image_head_backward_reference
+        return image_head_backward_reference(images, x, g_fake, u_rec, gamma, pixel_factor, recon_as_fake, scale)
+    return tuple(_untracked(_ops.image_head_backward, images, x, g_fake.contiguous(), u_rec.contiguous(), gamma,
+                            pixel_factor, recon_as_fake))
