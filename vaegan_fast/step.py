@@ -55,11 +55,14 @@ class _Layer:
     negative_slope: float
 
 
+def _as(t, dtype: torch.dtype):
+    """``t`` in ``dtype``: no call at all when it already is (a no-op .to() still costs a dispatch)."""
+    return t if t is None or t.dtype == dtype else t.to(dtype)
+
+
 def _layers(fused_linears, dtype: torch.dtype) -> list:
     """The layers' parameters in the step's compute dtype (a cast copy when it differs from theirs)."""
-    def cast(t):  # no call at all when the dtype already matches: a no-op .to() still costs a dispatch
-        return t if t is None or t.dtype == dtype else t.to(dtype)
-    return [_Layer(cast(l.weight), cast(l.bias), l.activation, l.negative_slope) for l in fused_linears]
+    return [_Layer(_as(l.weight, dtype), _as(l.bias, dtype), l.activation, l.negative_slope) for l in fused_linears]
 
 
 def _forward(layers: list, x: torch.Tensor, backend: str) -> tuple:
@@ -95,7 +98,7 @@ def _seed(grad: torch.Tensor, loss_scale, dtype: torch.dtype) -> torch.Tensor:
     """A loss's gradient that starts a backward stream: times the loss scale, in the compute dtype."""
     if loss_scale is not None:
         grad = grad.mul_(loss_scale)
-    return grad.to(dtype)
+    return _as(grad, dtype)
 
 
 def _param_grads(layers_grads: dict, count: int) -> list:
@@ -136,11 +139,11 @@ def routed_step_gradients(model, x: torch.Tensor, eps: torch.Tensor, z_prior: to
     stats, enc_cache = _forward(enc_layers, x, backend)
     mu, logvar_raw = stats[:, :latent], stats[:, latent:]
     logvar = logvar_raw.clamp(LOGVAR_MIN, LOGVAR_MAX)
-    mu, logvar, eps = mu.to(loss_dtype), logvar.to(loss_dtype), eps.to(loss_dtype)
+    mu, logvar, eps = _as(mu, loss_dtype), _as(logvar, loss_dtype), _as(eps, loss_dtype)
     z, kl = reparam_kl_forward(mu, logvar, eps, backend)
     # Row order [prior; reconstruction] in the decoder and [real; prior; reconstruction] in the
     # discriminator: every stream below then works on one contiguous block of rows.
-    logits, dec_cache = _forward(dec_layers, torch.cat([z_prior, z.to(x.dtype)]), backend)
+    logits, dec_cache = _forward(dec_layers, torch.cat([z_prior, _as(z, x.dtype)]), backend)
     # The images are written straight into the discriminator's input (no concatenation copy). Large
     # temporaries are costly on a CPU (each is fresh memory to fault in), so this section and the one
     # through the sigmoid below reuse buffers in place.
@@ -151,10 +154,10 @@ def routed_step_gradients(model, x: torch.Tensor, eps: torch.Tensor, z_prior: to
     # images = sigmoid(logits), and the pixel term of the reconstructions, in one pass (ops/image_head.py)
     pixel = image_head_forward(logits, x, images, pixel_weight > 0, backend)
     scores, dis_cache = _forward(dis_layers, dis_input, backend)
-    scores = scores.reshape(3 * batch).to(loss_dtype)
+    scores = _as(scores.reshape(3 * batch), loss_dtype)
     s_real, s_prior, s_rec = scores[:batch], scores[batch:2 * batch], scores[2 * batch:]
     features = dis_cache[feature_layer + 1][0]
-    f_real, f_rec = features[:batch].to(loss_dtype), features[2 * batch:].to(loss_dtype)
+    f_real, f_rec = _as(features[:batch], loss_dtype), _as(features[2 * batch:], loss_dtype)
 
     if memory is not None:
         kept = [t for cache in (enc_cache, dec_cache, dis_cache) for pair in cache for t in pair]
@@ -181,7 +184,7 @@ def routed_step_gradients(model, x: torch.Tensor, eps: torch.Tensor, z_prior: to
     enc_loss = prior + llike
     dec_loss = cfg["gamma"] * llike + gen_loss
     if pixel is not None:
-        pixel = pixel.to(loss_dtype)
+        pixel = _as(pixel, loss_dtype)
         enc_loss = enc_loss + pixel_weight * pixel
         dec_loss = dec_loss + pixel_weight * pixel
 
@@ -212,9 +215,9 @@ def routed_step_gradients(model, x: torch.Tensor, eps: torch.Tensor, z_prior: to
     grad_kl = torch.full_like(kl, 1.0 / batch)
     if loss_scale is not None:
         grad_kl.mul_(loss_scale)
-    d_mu, d_logvar = reparam_kl_backward(mu, logvar, eps, dz.to(loss_dtype), grad_kl, backend)
+    d_mu, d_logvar = reparam_kl_backward(mu, logvar, eps, _as(dz, loss_dtype), grad_kl, backend)
     d_logvar = d_logvar * ((logvar_raw >= LOGVAR_MIN) & (logvar_raw <= LOGVAR_MAX))
-    _, e_grads = _backward(enc_layers, enc_cache, torch.cat([d_mu, d_logvar], 1).to(x.dtype), slice(None),
+    _, e_grads = _backward(enc_layers, enc_cache, _as(torch.cat([d_mu, d_logvar], 1), x.dtype), slice(None),
                            len(enc_layers) - 1, True, False, backend)
 
     grads["encoder"] = _param_grads(e_grads, len(enc_layers))
