@@ -17,26 +17,28 @@
 // sequence it replaces (sigmoid, BCE with logits, rsub, mul, add, copy, mul, mul, sub, mul, add, add) makes
 // about 12 passes and as many temporaries.
 //
-// The pixel sum: fixed tasks of whole rows, a double partial per task, added in task order (the same result
-// with any thread count).
+// The pixel sum: fixed tasks of whole row pairs, a double partial per task, added in task order (the same
+// result with any thread count).
 #include "common.h"
 
 namespace vaegan_fast_native {
 namespace {
 
+// Tasks take rows in pairs (prior row i and reconstruction row B + i): only reconstruction rows carry the
+// pixel term, and pairing gives every thread its share of it.
 template <typename T>
 void head_forward_kernel(const T* logits, const T* x, T* images, int64_t B, int64_t P, bool with_pixel,
-                         double* partials, int64_t rows_per_task) {
+                         double* partials, int64_t pairs_per_task) {
   using A = acc_t<T>;
-  const int64_t R = 2 * B;
-  for_tasks(ceil_div(R, rows_per_task), [&](int64_t task) {
+  for_tasks(ceil_div(B, pairs_per_task), [&](int64_t task) {
     const int64_t cols = P, batch = B;
     const bool pixel = with_pixel;
     A bl[kBlock], bx[kBlock], e[kBlock], sp[kBlock], bs[kBlock], terms[kBlock];
     double acc = 0;
-    const int64_t r1 = std::min(R, (task + 1) * rows_per_task);
-    for (int64_t r = task * rows_per_task; r < r1; ++r) {
-      const bool rec = r >= batch;
+    const int64_t i1 = std::min(batch, (task + 1) * pairs_per_task);
+    for (int64_t q = 2 * task * pairs_per_task; q < 2 * i1; ++q) {
+      const bool rec = q & 1;
+      const int64_t r = (q >> 1) + (rec ? batch : 0);
       for (int64_t j0 = 0; j0 < cols; j0 += kBlock) {
         const int64_t n = std::min(kBlock, cols - j0), off = r * cols + j0;
         const A* l = load(logits + off, bl, n);
@@ -60,16 +62,16 @@ void head_forward_kernel(const T* logits, const T* x, T* images, int64_t B, int6
 template <typename T>
 void head_backward_kernel(const T* images, const T* x, const T* g, const T* u, T* dec_up, T* enc_up, int64_t B,
                           int64_t P, acc_t<T> gamma, acc_t<T> factor, bool recon_as_fake,
-                          int64_t rows_per_task) {
+                          int64_t pairs_per_task) {
   using A = acc_t<T>;
-  const int64_t R = 2 * B;
-  for_tasks(ceil_div(R, rows_per_task), [&](int64_t task) {
+  for_tasks(ceil_div(B, pairs_per_task), [&](int64_t task) {
     const int64_t cols = P, batch = B;
     const A gm = gamma, c = factor;  // locals: see common.h on captured scalars
     const bool fake_rec = recon_as_fake;
     A bs[kBlock], bg[kBlock], bu[kBlock], bx[kBlock], sl[kBlock], bd[kBlock], be[kBlock];
-    const int64_t r1 = std::min(R, (task + 1) * rows_per_task);
-    for (int64_t r = task * rows_per_task; r < r1; ++r) {
+    const int64_t i1 = std::min(batch, (task + 1) * pairs_per_task);
+    for (int64_t q = 2 * task * pairs_per_task; q < 2 * i1; ++q) {
+      const int64_t r = (q >> 1) + ((q & 1) ? batch : 0);  // rows in pairs, as in the forward
       for (int64_t j0 = 0; j0 < cols; j0 += kBlock) {
         const int64_t n = std::min(kBlock, cols - j0), off = r * cols + j0;
         const A* s = load(images + off, bs, n);
@@ -126,12 +128,12 @@ at::Tensor image_head_forward(const at::Tensor& logits, const at::Tensor& x, con
   check_head(logits, "image_head_forward", "logits", 2 * B, P, dtype);
   check_head(x, "image_head_forward", "x", B, P, dtype);
   check_head(images, "image_head_forward", "images", 2 * B, P, dtype);
-  const int64_t rows_per_task = std::max<int64_t>(1, kTask / std::max<int64_t>(P, 1));
-  std::vector<double> partials(ceil_div(2 * B, rows_per_task), 0.0);
+  const int64_t pairs_per_task = std::max<int64_t>(1, kTask / std::max<int64_t>(2 * P, 1));
+  std::vector<double> partials(ceil_div(B, pairs_per_task), 0.0);
   VFN_DISPATCH(dtype, "image_head_forward", [&] {
     head_forward_kernel<scalar_t>(logits.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
                                   images.mutable_data_ptr<scalar_t>(), B, P, with_pixel, partials.data(),
-                                  rows_per_task);
+                                  pairs_per_task);
   });
   double total = 0;
   for (double p : partials) total += p;
@@ -153,13 +155,13 @@ std::tuple<at::Tensor, at::Tensor> image_head_backward(const at::Tensor& images,
   check_head(u_rec, "image_head_backward", "u_rec", B, P, dtype);
   auto dec_up = at::empty({2 * B, P}, images.options());
   auto enc_up = at::empty({B, P}, images.options());
-  const int64_t rows_per_task = std::max<int64_t>(1, kTask / std::max<int64_t>(P, 1));
+  const int64_t pairs_per_task = std::max<int64_t>(1, kTask / std::max<int64_t>(2 * P, 1));
   VFN_DISPATCH(dtype, "image_head_backward", [&] {
     using A = acc_t<scalar_t>;
     head_backward_kernel<scalar_t>(images.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
                                    g_fake.const_data_ptr<scalar_t>(), u_rec.const_data_ptr<scalar_t>(),
                                    dec_up.mutable_data_ptr<scalar_t>(), enc_up.mutable_data_ptr<scalar_t>(), B, P,
-                                   A(gamma), A(pixel_factor), recon_as_fake, rows_per_task);
+                                   A(gamma), A(pixel_factor), recon_as_fake, pairs_per_task);
   });
   return {dec_up, enc_up};
 }
