@@ -81,3 +81,20 @@ def test_sigkill_loses_at_most_the_steps_since_the_last_checkpoint(tmp_path):
     model = Model.load(out / "checkpoint.pt")
     assert model.step % 5 == 0 and last_logged - 5 <= model.step <= last_logged
     assert run("--steps", str(model.step + 1), "--out", str(out), "--resume").returncode == 0
+
+
+def test_train_in_fp16_logs_the_loss_scale_and_resumes_it(tmp_path):
+    out = tmp_path / "r"
+    assert run("--steps", "3", "--out", str(out), "--precision", "fp16").returncode == 0
+    done = run("--steps", "5", "--out", str(out), "--precision", "fp16", "--resume")
+    assert done.returncode == 0, done.stderr
+    model = Model.load(out / "checkpoint.pt")
+    assert model.config["precision"] == "fp16" and model.step == 5
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5]
+    # Each step's scale follows from the previous one across the resume: halved after an overflow, else kept
+    # (growth comes only after 2000 finite steps).
+    scale = 2.0 ** 16
+    for r in records:
+        scale = scale / 2 if r["overflow"] else scale
+        assert r["loss_scale"] == scale, records

@@ -12,7 +12,7 @@ from .model import PRESETS, RECOMMENDED_BATCH
 def _model_options(args) -> dict:
     options = {"gamma": args.gamma, "pixel_weight": args.pixel_weight, "recon_as_fake": args.recon_as_fake,
                "saturating": args.saturating, "gating": args.gating, "feature_layer": args.feature_layer,
-               "lr": args.lr, "backend": args.backend, "mode": args.mode}
+               "lr": args.lr, "backend": args.backend, "mode": args.mode, "precision": args.precision}
     return {k: v for k, v in options.items() if v is not None}
 
 
@@ -32,6 +32,8 @@ def main(argv=None) -> int:
     t.add_argument("--mode", choices=("vaegan", "vae", "gan"), default=None,
                    help="vaegan (default), or one of the ablations: vae (no discriminator), gan (no encoder)")
     t.add_argument("--backend", default=None, help="auto (default), reference, triton or native")
+    t.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default=None,
+                   help="compute precision with fp32 master weights (default fp32; fp16 adds loss scaling)")
     t.add_argument("--gamma", type=float, default=None)
     t.add_argument("--pixel-weight", type=float, default=None)
     t.add_argument("--recon-as-fake", action=argparse.BooleanOptionalAction, default=None)
