@@ -8,6 +8,7 @@ bytes it moves and the eager launches it replaces:
     gan_losses.py   softplus GAN losses and the feature reconstruction loss, gradient computed in forward
     linear_act.py   act(x @ W^T + b) with the activation in the GEMM epilogue; gradient GEMMs that apply
                     the activation's derivative as they load
+    image_head.py   the training step's image head: sigmoid and pixel term, and the gradient back through them
 
 Launch configuration: every launcher picks its block sizes from a small fixed table (``configs()`` in each
 module lists all of them, so ``bench/compile_report.py`` can compile every one for sm_80 and sm_90).
@@ -76,15 +77,15 @@ class CompileSpec:
     meta: dict = field(default_factory=dict)
 
 
-from . import gan_losses, linear_act, reparam_kl  # noqa: E402
+from . import gan_losses, image_head, linear_act, reparam_kl  # noqa: E402
 
 
 def all_compile_specs(default_only: bool = False) -> list[CompileSpec]:
     specs = []
-    for module in (reparam_kl, gan_losses, linear_act):
+    for module in (reparam_kl, gan_losses, linear_act, image_head):
         specs.extend(s for s in module.configs() if s.default or not default_only)
     return specs
 
 
-__all__ = ["CompileSpec", "all_compile_specs", "check_tensors", "gan_losses", "interpreting", "linear_act",
-           "reparam_kl"]
+__all__ = ["CompileSpec", "all_compile_specs", "check_tensors", "gan_losses", "image_head", "interpreting",
+           "linear_act", "reparam_kl"]

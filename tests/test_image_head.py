@@ -1,4 +1,4 @@
-"""The routed step's image head (vaegan_fast/ops/image_head.py) on every CPU backend against the fp64 reference.
+"""The routed step's image head (vaegan_fast/ops/image_head.py) on every backend against the fp64 reference.
 
 Forward: images = sigmoid(logits) written into the caller's buffer, and the pixel BCE term of the
 reconstruction rows; backward: the gradients at the decoder's logits and at its reconstruction rows.
@@ -12,7 +12,8 @@ from numerics import assert_matches
 from vaegan_fast.ops.image_head import (image_head_backward, image_head_backward_reference, image_head_forward,
                                         image_head_forward_reference)
 
-BACKENDS = [b for b in ("reference", "native") if b in ops.available_backends("cpu", "image_head_forward")]
+# The Triton backend runs on CPU tensors under its interpreter (tests/conftest.py), on the GPU where there is one.
+BACKENDS = [b for b in ("reference", "native", "triton") if b in ops.available_backends("cpu", "image_head_forward")]
 SHAPES = [(1, 1), (1, 784), (3, 7), (37, 129), (256, 784)]  # (B, P): one row, one column, primes, the preset
 
 
@@ -51,6 +52,20 @@ def test_matches_fp64_reference(backend, dtype, shape, with_pixel, recon_as_fake
             continue
         assert a.shape == t.shape, f"{name}: shape {tuple(a.shape)} != {tuple(t.shape)}"
         assert_matches(name, a, t, e)
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "native"])
+def test_loss_scale_multiplies_the_pixel_gradient_on_the_device(backend):
+    """fp16's loss scale S, a device tensor, scales the pixel term's gradient (and nothing else)."""
+    logits, x, g_fake, u_rec = _inputs(5, 11, torch.float32)
+    images = torch.sigmoid(logits)
+    scale = torch.tensor(1024.0)
+    plain = image_head_backward(images, x, g_fake, u_rec, 0.7, 0.2, True, None, backend)
+    scaled = image_head_backward(images, x, g_fake, u_rec, 0.7, 0.2 * 1024.0, True, None, backend)
+    got = image_head_backward(images, x, g_fake, u_rec, 0.7, 0.2, True, scale, backend)
+    for a, want, other in zip(got, scaled, plain):
+        torch.testing.assert_close(a, want, rtol=1e-6, atol=1e-7)
+        assert not torch.allclose(a, other)
 
 
 @pytest.mark.skipif("native" not in BACKENDS, reason="the native library is not built")

@@ -365,6 +365,19 @@ def feature_recon_terms_triton(features_real: Tensor, features_fake: Tensor):
     return feature_recon_loss_op(features_real, features_fake, True)
 
 
+@_dispatch.register("image_head_forward", "triton")
+def image_head_forward_triton(logits: Tensor, x: Tensor, images: Tensor, with_pixel: bool):
+    _check_dtypes(logits=logits, x=x, images=images)
+    return kernels.image_head.forward(logits, x, images, with_pixel)
+
+
+@_dispatch.register("image_head_backward", "triton")
+def image_head_backward_triton(images: Tensor, x: Tensor, g_fake: Tensor, u_rec: Tensor, gamma: float,
+                               pixel_factor: float, recon_as_fake: bool, scale: Optional[Tensor]):
+    _check_dtypes(images=images, x=x, g_fake=g_fake, u_rec=u_rec)
+    return kernels.image_head.backward(images, x, g_fake, u_rec, gamma, pixel_factor, recon_as_fake, scale)
+
+
 @_dispatch.register("reparam_kl_forward", "triton")
 def reparam_kl_forward_triton(mu: Tensor, logvar: Tensor, eps: Tensor):
     return reparam_kl_op(mu, logvar, eps, 0)

@@ -12,8 +12,8 @@ Rows [prior; reconstruction] (2B rows of P pixels), s = sigmoid(logits):
 
 g_fake is the generator loss's gradient at the discriminator's input (rows prior, and reconstruction when
 reconstructions are fakes), u_rec the feature-reconstruction gradient there; ``scale`` is fp16's loss scale
-(a 0-dim tensor) or None. The reference below is the specification; the native CPU backend does each in one
-pass (kernels/cpu/image_head.cpp). On a GPU these run as the reference's PyTorch kernels.
+(a 0-dim tensor) or None. The reference below is the specification; the native CPU backend
+(kernels/cpu/image_head.cpp) and the Triton backend (kernels/image_head.py) do each in one pass.
 """
 from __future__ import annotations
 
@@ -33,7 +33,6 @@ def loss_dtype_of(dtype: torch.dtype) -> torch.dtype:
 
 
 @_dispatch.register(FORWARD_OP, "reference")
-@_dispatch.register(FORWARD_OP, "triton")  # no Triton kernel: PyTorch's elementwise kernels on the GPU
 def image_head_forward_reference(logits: torch.Tensor, x: torch.Tensor, images: torch.Tensor, with_pixel: bool):
     batch = x.shape[0]
     torch.sigmoid(logits, out=images)
@@ -44,7 +43,6 @@ def image_head_forward_reference(logits: torch.Tensor, x: torch.Tensor, images: 
 
 
 @_dispatch.register(BACKWARD_OP, "reference")
-@_dispatch.register(BACKWARD_OP, "triton")
 def image_head_backward_reference(images, x, g_fake, u_rec, gamma: float, pixel_factor: float,
                                   recon_as_fake: bool, scale: Optional[torch.Tensor]):
     batch = x.shape[0]
