@@ -34,6 +34,14 @@ def next_pow2(n: int) -> int:
     return 1 if n <= 1 else triton.next_power_of_2(int(n))
 
 
+def flat_block(n: int, gpu_block: int, gpu_warps: int) -> tuple[int, int]:
+    """(BLOCK, num_warps) of a kernel over n flat elements: the module's GPU configuration, or under the
+    interpreter one large program (its cost grows with the number of programs, not their size)."""
+    if interpreting():
+        return min(next_pow2(n), 1 << 16), 1
+    return gpu_block, gpu_warps
+
+
 # torch dtype -> (Triton pointer type name used in compile signatures, accumulator / compute dtype)
 _TL_NAME = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64"}
 SUPPORTED_DTYPES = tuple(_TL_NAME)

@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import CompileSpec, check_tensors, compute_dtype, interpreting, next_pow2, tl_name
+from . import CompileSpec, check_tensors, compute_dtype, flat_block, tl_name
 
 
 @triton.jit
@@ -111,12 +111,6 @@ _GPU_BLOCK = 4096  # elements per program on a GPU
 _GPU_WARPS = 8
 
 
-def _block(n: int) -> tuple[int, int]:
-    if interpreting():
-        return min(next_pow2(n), 1 << 16), 1
-    return _GPU_BLOCK, _GPU_WARPS
-
-
 def _as_2d(x: torch.Tensor) -> torch.Tensor:
     """x as an [R, C] view when its layout allows (0-d/1-d -> [n, 1]); a copy only as a last resort."""
     if x.dim() == 0:
@@ -137,7 +131,7 @@ def softplus_losses(xs, signs, coeffs, need_grad: bool):
     total = 0
     for x in xs:
         n = x.numel()
-        block, warps = _block(n)
+        block, warps = flat_block(n, _GPU_BLOCK, _GPU_WARPS)
         grid = triton.cdiv(n, block)
         plans.append((n, block, warps, grid, total))
         total += grid
@@ -159,7 +153,7 @@ def feature_recon(a: torch.Tensor, b: torch.Tensor, need_grad: bool):
     check_tensors(a, b)
     a2, b2 = a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1)
     n = a2.numel()
-    block, warps = _block(n)
+    block, warps = flat_block(n, _GPU_BLOCK, _GPU_WARPS)
     grid = triton.cdiv(n, block)
     acc = torch.float64 if a.dtype == torch.float64 else torch.float32
     partials = torch.empty(grid, device=a.device, dtype=acc)

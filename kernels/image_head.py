@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import CompileSpec, check_tensors, compute_dtype, interpreting, next_pow2, tl_name
+from . import CompileSpec, check_tensors, compute_dtype, flat_block, tl_name
 from .gan_losses import _log1p
 
 
@@ -109,12 +109,6 @@ _GPU_BLOCK = 2048  # elements per program on a GPU
 _GPU_WARPS = 8
 
 
-def _block(n: int) -> tuple[int, int]:
-    if interpreting():
-        return min(next_pow2(n), 1 << 16), 1
-    return _GPU_BLOCK, _GPU_WARPS
-
-
 def forward(logits: torch.Tensor, x: torch.Tensor, images: torch.Tensor, with_pixel: bool):
     """Write sigmoid(logits) into ``images``; return the pixel term (0-d, fp32 for fp16/bf16) or None."""
     check_tensors(logits, x, images)
@@ -122,7 +116,7 @@ def forward(logits: torch.Tensor, x: torch.Tensor, images: torch.Tensor, with_pi
         if not t.is_contiguous():
             raise ValueError(f"image_head: {name} must be contiguous")
     n, half = logits.numel(), x.numel()
-    block, warps = _block(n)
+    block, warps = flat_block(n, _GPU_BLOCK, _GPU_WARPS)
     grid = triton.cdiv(n, block)
     acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
     partials = torch.empty(grid, device=logits.device, dtype=acc)
@@ -139,7 +133,7 @@ def backward(images, x, g_fake, u_rec, gamma: float, pixel_factor: float, recon_
     n, half = images.numel(), x.numel()
     dec_up = torch.empty_like(images)
     enc_up = torch.empty_like(x)
-    block, warps = _block(n)
+    block, warps = flat_block(n, _GPU_BLOCK, _GPU_WARPS)
     has_scale = scale is not None and pixel_factor != 0
     image_head_backward_kernel[(triton.cdiv(n, block),)](
         images, x, g_fake, u_rec, dec_up, enc_up, scale if has_scale else images, n, half, float(gamma),
