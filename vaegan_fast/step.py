@@ -43,7 +43,7 @@ import torch
 from .nn.networks import LOGVAR_MAX, LOGVAR_MIN
 from .ops.dense import dense_backward, dense_forward
 from .ops.gan_losses import feature_recon_terms, softplus, softplus_terms
-from .ops.image_head import image_head_backward, image_head_forward
+from .ops.image_head import image_head_backward, image_head_forward, loss_dtype_of
 from .ops.reparam_kl import reparam_kl_backward, reparam_kl_forward
 
 
@@ -133,7 +133,7 @@ def routed_step_gradients(model, x: torch.Tensor, eps: torch.Tensor, z_prior: to
     dis_layers = _layers(model.discriminator.net.layers, x.dtype)
     feature_layer = model.discriminator.feature_layer % (len(dis_layers) - 1)
     latent = cfg["latent_dim"]
-    loss_dtype = torch.float32 if x.dtype == torch.float16 else x.dtype
+    loss_dtype = loss_dtype_of(x.dtype)  # fp32 for fp16, whose range the losses' sums exceed
 
     # ---- forward
     stats, enc_cache = _forward(enc_layers, x, backend)
