@@ -90,7 +90,11 @@ def providers(model: Model, device, gpu: bool, low_precisions=()) -> dict:
         out[f"vaegan_fast[{resolved},cudagraph]"] = graph_step
     for name in low_precisions:
         out[f"eager+autocast[{name}]"] = _autocast_step(EagerVAEGAN.like(model), device, LOW_PRECISION[name])
-        low = make_model(model.preset_name, device, precision=name, backend="auto")
+        # fp16 starts its loss scale at 1, as the autocast yardstick scales nothing: the two then take the same
+        # first updates (a first step that overflows at GradScaler's 2**16 would be skipped by ours only), and
+        # the scaling kernels run all the same.
+        scaling = {"loss_scale": {"init": 1.0}} if name == "fp16" else {}
+        low = make_model(model.preset_name, device, precision=name, backend="auto", **scaling)
         low.load_state_dict(model.state_dict(), strict=False)  # same weights (fp16 adds loss-scale state)
 
         def low_step(x, m=low):
@@ -98,7 +102,7 @@ def providers(model: Model, device, gpu: bool, low_precisions=()) -> dict:
             return s["encoder_loss"], s["decoder_loss"], s["discriminator_loss"]
 
         low_step.model = low
-        out[f"vaegan_fast[{resolved},{name}]"] = low_step
+        out[f"vaegan_fast[{_resolved_backend(low, device, LOW_PRECISION[name])},{name}]"] = low_step
     return out
 
 
@@ -125,9 +129,10 @@ def low_precision_bounds(reference_losses, autocast_losses, name: str) -> list:
             for r, a in zip(reference_losses, autocast_losses)]
 
 
-def _resolved_backend(model: Model, device) -> str:
+def _resolved_backend(model: Model, device, dtype=None) -> str:
+    """The backend "auto" picks for the model's layers (by device, and by dtype: native takes no fp16)."""
     from vaegan_fast.ops import _dispatch
-    return _dispatch.resolve("linear_act", model.backend, torch.device(device))[0]
+    return _dispatch.resolve("linear_act", model.backend, torch.device(device), dtype)[0]
 
 
 def first_losses(step, batches) -> list:
