@@ -117,23 +117,31 @@ void check_head(const at::Tensor& t, const char* op, const char* name, int64_t r
               ", expected ", dtype);
 }
 
+// B and P of a [2B, P] tensor (rows prior; reconstruction).
+std::pair<int64_t, int64_t> head_shape(const at::Tensor& t, const char* op, const char* name) {
+  TORCH_CHECK(t.dim() == 2 && t.size(0) % 2 == 0 && t.size(0) > 0, "vaegan_fast native ", op, ": ", name,
+              " must be [2B, P] (rows prior; reconstruction)");
+  return {t.size(0) / 2, t.size(1)};
+}
+
+// Row pairs per parallel task: about kTask elements (fixed, so the pixel sum does not depend on threads).
+int64_t pairs_for(int64_t P) { return std::max<int64_t>(1, kTask / std::max<int64_t>(2 * P, 1)); }
+
 }  // namespace
 
 at::Tensor image_head_forward(const at::Tensor& logits, const at::Tensor& x, const at::Tensor& images,
                               bool with_pixel) {
-  TORCH_CHECK(logits.dim() == 2 && logits.size(0) % 2 == 0 && logits.size(0) > 0,
-              "vaegan_fast native image_head_forward: logits must be [2B, P] (rows prior; reconstruction)");
-  const int64_t B = logits.size(0) / 2, P = logits.size(1);
+  const auto [B, P] = head_shape(logits, "image_head_forward", "logits");
   const auto dtype = logits.scalar_type();
   check_head(logits, "image_head_forward", "logits", 2 * B, P, dtype);
   check_head(x, "image_head_forward", "x", B, P, dtype);
   check_head(images, "image_head_forward", "images", 2 * B, P, dtype);
-  const int64_t pairs_per_task = std::max<int64_t>(1, kTask / std::max<int64_t>(2 * P, 1));
-  std::vector<double> partials(ceil_div(B, pairs_per_task), 0.0);
+  const int64_t pairs = pairs_for(P);
+  std::vector<double> partials(ceil_div(B, pairs), 0.0);
   VFN_DISPATCH(dtype, "image_head_forward", [&] {
     head_forward_kernel<scalar_t>(logits.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
                                   images.mutable_data_ptr<scalar_t>(), B, P, with_pixel, partials.data(),
-                                  pairs_per_task);
+                                  pairs);
   });
   double total = 0;
   for (double p : partials) total += p;
@@ -145,9 +153,7 @@ at::Tensor image_head_forward(const at::Tensor& logits, const at::Tensor& x, con
 std::tuple<at::Tensor, at::Tensor> image_head_backward(const at::Tensor& images, const at::Tensor& x,
                                                        const at::Tensor& g_fake, const at::Tensor& u_rec,
                                                        double gamma, double pixel_factor, bool recon_as_fake) {
-  TORCH_CHECK(images.dim() == 2 && images.size(0) % 2 == 0 && images.size(0) > 0,
-              "vaegan_fast native image_head_backward: images must be [2B, P] (rows prior; reconstruction)");
-  const int64_t B = images.size(0) / 2, P = images.size(1);
+  const auto [B, P] = head_shape(images, "image_head_backward", "images");
   const auto dtype = images.scalar_type();
   check_head(images, "image_head_backward", "images", 2 * B, P, dtype);
   check_head(x, "image_head_backward", "x", B, P, dtype);
@@ -155,13 +161,13 @@ std::tuple<at::Tensor, at::Tensor> image_head_backward(const at::Tensor& images,
   check_head(u_rec, "image_head_backward", "u_rec", B, P, dtype);
   auto dec_up = at::empty({2 * B, P}, images.options());
   auto enc_up = at::empty({B, P}, images.options());
-  const int64_t pairs_per_task = std::max<int64_t>(1, kTask / std::max<int64_t>(2 * P, 1));
+  const int64_t pairs = pairs_for(P);
   VFN_DISPATCH(dtype, "image_head_backward", [&] {
     using A = acc_t<scalar_t>;
     head_backward_kernel<scalar_t>(images.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
                                    g_fake.const_data_ptr<scalar_t>(), u_rec.const_data_ptr<scalar_t>(),
                                    dec_up.mutable_data_ptr<scalar_t>(), enc_up.mutable_data_ptr<scalar_t>(), B, P,
-                                   A(gamma), A(pixel_factor), recon_as_fake, pairs_per_task);
+                                   A(gamma), A(pixel_factor), recon_as_fake, pairs);
   });
   return {dec_up, enc_up};
 }
