@@ -31,6 +31,7 @@ from torch import nn
 from . import checkpoint
 from .loss_scale import DynamicLossScale, loss_scale_options
 from .nn import FusedLinear, MLPDecoder, MLPDiscriminator, MLPEncoder
+from .optim import apply_update
 from .ops import discriminator_loss, feature_recon_loss, generator_loss, reparam_kl, softplus
 from .step import routed_step_gradients
 
@@ -435,20 +436,19 @@ class Model(nn.Module):
             overflow = scaler.unscale_([g for net_grads in grads.values() for g in net_grads if g is not None])
             if not skips_on_device and bool(overflow):  # reads the decision on the host
                 trained = []
-        for name, opt in self.optimizers.items():
+        # All gradients are taken before any parameter changes in place.
+        for name in trained:
             # Fused Adam skips its whole update (state included) when found_inf is 1: no host sync. Its
             # grad_scale stays unset: the gradients are already unscaled.
             skip = overflow if skips_on_device else None
             if skips_on_device and self.config["gating"] and name in gates:
                 gated = (~gates[name]).float()
                 skip = gated if skip is None else torch.maximum(skip, gated)
-            opt.found_inf = skip
-        # All gradients are taken before any parameter changes in place.
-        for name in trained:
-            for p, g in zip(self.parameters_of(name), grads[name]):
-                p.grad = g
-            self.optimizers[name].step()
-            self.optimizers[name].zero_grad(set_to_none=True)
+            opt = self.optimizers[name]
+            # The optimizer's own list: the network's parameters in the same order, without walking modules.
+            groups = getattr(opt, "param_groups", None)
+            params = groups[0]["params"] if groups is not None and len(groups) == 1 else self.parameters_of(name)
+            apply_update(opt, params, grads[name], skip)
         if scaler is not None:
             scaler.update_(overflow)
         self.gate_skips += torch.stack([~train_disc, ~train_dec]).long()

@@ -119,24 +119,32 @@ void epilogue_kernel(T* a, T* y, const acc_t<T>* bias, int64_t M, int64_t N, int
   using A = acc_t<T>;
   const int64_t rows_per_task = std::max<int64_t>(1, kTask / N);
   for_tasks(ceil_div(M, rows_per_task), [&](int64_t task) {
+    // Locals, not captures: see common.h on captured scalars (else every loop below runs scalar).
+    T* const a_ = a;
+    T* const y_ = y;
+    const A* const bias_ = bias;
+    const int64_t rows = M, cols = N, act_ = act;
+    const A slope_ = slope;
+    const bool keep_pre_ = keep_pre;
     A bv[kBlock], w[kBlock], u[kBlock], by[kBlock];
-    const int64_t r1 = std::min(M, (task + 1) * rows_per_task);
+    const int64_t r1 = std::min(rows, (task + 1) * rows_per_task);
     for (int64_t r = task * rows_per_task; r < r1; ++r) {
-      for (int64_t j0 = 0; j0 < N; j0 += kBlock) {
-        const int64_t n = std::min(kBlock, N - j0), off = r * N + j0;
-        const A* v = load(a + off, bv, n);
-        if (bias) {
-          for (int64_t i = 0; i < n; ++i) w[i] = v[i] + bias[j0 + i];
+      for (int64_t j0 = 0; j0 < cols; j0 += kBlock) {
+        const int64_t n = std::min(kBlock, cols - j0), off = r * cols + j0;
+        const A* v = load(a_ + off, bv, n);
+        if (bias_) {
+          const A* bj = bias_ + j0;
+          for (int64_t i = 0; i < n; ++i) w[i] = v[i] + bj[i];
         } else {
           for (int64_t i = 0; i < n; ++i) w[i] = v[i];
         }
-        A* yo = out_ptr(y + off, by);
-        activate(act, slope, w, yo, u, n);
-        finish(yo, y + off, n);
-        if (keep_pre && bias) {
-          A* ao = out_ptr(a + off, bv);
+        A* yo = out_ptr(y_ + off, by);
+        activate(act_, slope_, w, yo, u, n);
+        finish(yo, y_ + off, n);
+        if (keep_pre_ && bias_) {
+          A* ao = out_ptr(a_ + off, bv);
           for (int64_t i = 0; i < n; ++i) ao[i] = w[i];
-          finish(ao, a + off, n);
+          finish(ao, a_ + off, n);
         }
       }
     }
@@ -152,19 +160,25 @@ void backward_kernel(const T* gy, const T* saved, T* ga, acc_t<T>* bias_grad, in
   const int64_t ntasks = ceil_div(M, rows_per_task);
   std::vector<A> partials(bias_grad ? ntasks * N : 0, A(0));
   for_tasks(ntasks, [&](int64_t task) {
+    // Locals, not captures: see common.h on captured scalars.
+    const T* const gy_ = gy;
+    const T* const saved_ = saved;
+    T* const ga_ = ga;
+    const int64_t rows = M, cols = N, act_ = act;
+    const A slope_ = slope;
     A bg[kBlock], bs[kBlock], bo[kBlock], u[kBlock];
-    A* col = bias_grad ? partials.data() + task * N : nullptr;
-    const int64_t r1 = std::min(M, (task + 1) * rows_per_task);
+    A* col = bias_grad ? partials.data() + task * cols : nullptr;
+    const int64_t r1 = std::min(rows, (task + 1) * rows_per_task);
     for (int64_t r = task * rows_per_task; r < r1; ++r) {
-      for (int64_t j0 = 0; j0 < N; j0 += kBlock) {
-        const int64_t n = std::min(kBlock, N - j0), off = r * N + j0;
-        const A* g = load(gy + off, bg, n);
+      for (int64_t j0 = 0; j0 < cols; j0 += kBlock) {
+        const int64_t n = std::min(kBlock, cols - j0), off = r * cols + j0;
+        const A* g = load(gy_ + off, bg, n);
         const A* o;
-        if (ga) {
-          const A* s = saved ? load(saved + off, bs, n) : nullptr;
-          A* out = out_ptr(ga + off, bo);
-          derivative(act, slope, g, s, out, u, n);
-          finish(out, ga + off, n);
+        if (ga_) {
+          const A* s = saved_ ? load(saved_ + off, bs, n) : nullptr;
+          A* out = out_ptr(ga_ + off, bo);
+          derivative(act_, slope_, g, s, out, u, n);
+          finish(out, ga_ + off, n);
           o = out;
         } else {
           o = g;  // identity: ga is grad_y itself

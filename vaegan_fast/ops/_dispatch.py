@@ -29,6 +29,10 @@ _dtypes: dict[str, tuple] = {}
 _load_errors: dict[str, str] = {}
 # backends whose load failure "auto" has already warned about (one warning per backend and process).
 _warned_load_errors: set[str] = set()
+# resolve()'s answers: every fused-op call resolves its backend, and on small tensors the search itself was a
+# visible share of the call. Keyed on the load failures too, so recording one (or a test patching them)
+# never serves a stale answer; the setters below clear it.
+_resolved: dict[tuple, tuple[str, Callable]] = {}
 
 
 class BackendUnavailableError(RuntimeError):
@@ -41,6 +45,7 @@ def register(op: str, backend: str) -> Callable[[Callable], Callable]:
 
     def decorate(fn: Callable) -> Callable:
         _impls[(op, backend)] = fn
+        _resolved.clear()
         return fn
 
     return decorate
@@ -48,10 +53,12 @@ def register(op: str, backend: str) -> Callable[[Callable], Callable]:
 
 def set_availability(backend: str, check: Callable[[torch.device], Optional[str]]) -> None:
     _availability[backend] = check
+    _resolved.clear()
 
 
 def set_dtypes(backend: str, dtypes: tuple) -> None:
     _dtypes[backend] = tuple(dtypes)
+    _resolved.clear()
 
 
 def _dtype_refusal(backend: str, dtype: Optional[torch.dtype]) -> Optional[str]:
@@ -64,6 +71,7 @@ def _dtype_refusal(backend: str, dtype: Optional[torch.dtype]) -> Optional[str]:
 
 def record_load_error(backend: str, reason: str) -> None:
     _load_errors[backend] = reason
+    _resolved.clear()
 
 
 def _unusable_reason(op: str, backend: str, device: torch.device) -> Optional[str]:
@@ -78,6 +86,14 @@ def resolve(op: str, backend: str, device: torch.device,
             dtype: Optional[torch.dtype] = None) -> tuple[str, Callable]:
     """Return ``(backend_name, implementation)`` of ``op`` for tensors on ``device`` that it computes in
     ``dtype`` (None: do not check the dtype)."""
+    key = (op, backend, device, dtype, tuple(_load_errors))
+    found = _resolved.get(key)
+    if found is None:
+        found = _resolved[key] = _resolve(op, backend, device, dtype)
+    return found
+
+
+def _resolve(op: str, backend: str, device: torch.device, dtype: Optional[torch.dtype]) -> tuple[str, Callable]:
     if backend == "auto":
         for name in _AUTO_ORDER.get(device.type, ("reference",)):
             if _unusable_reason(op, name, device) is None and _dtype_refusal(name, dtype) is None:
@@ -85,7 +101,7 @@ def resolve(op: str, backend: str, device: torch.device,
             if name in _load_errors and name not in _warned_load_errors:
                 _warned_load_errors.add(name)
                 warnings.warn(f"backend='auto' skips {name!r}, which failed to load: {_load_errors[name]}",
-                              RuntimeWarning, stacklevel=3)
+                              RuntimeWarning, stacklevel=4)
         raise BackendUnavailableError(f"no backend can run {op} on {device}")  # unreachable: reference
     if backend not in BACKENDS:
         raise ValueError(f"backend must be 'auto' or one of {BACKENDS}, got {backend!r}")

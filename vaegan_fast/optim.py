@@ -1,0 +1,61 @@
+"""The optimizer update of a training step, with as little host work as the kernel allows.
+
+``torch.optim.Adam(fused=True)`` updates every parameter in one multi-tensor kernel, but its ``step()``
+regroups the tensors by device and dtype, checks its options and walks its hooks in Python on every call:
+with three networks, that was about as long as the three kernels themselves on the seed preset (CPU). The
+model keeps its ``torch.optim.Adam`` objects (their state_dict is the checkpoint format, and users may hand
+them to LR schedulers), and once an optimizer's state exists ``apply_update`` feeds its tensors straight to
+the same kernel, ``torch._fused_adam_``, which is what ``step()`` itself ends in. Anything that path does not
+cover (another optimizer, several parameter groups, amsgrad, maximize, tensor learning rates, step hooks,
+the first step that creates the state) goes through ``step()`` unchanged.
+
+``found_inf`` (a 0-dim float tensor on the parameters' device, or None): 1 skips the whole update, state
+included, without reading it on the host (the equilibrium gate, fp16 overflow).
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+from torch.optim.optimizer import _global_optimizer_post_hooks, _global_optimizer_pre_hooks
+
+
+def _direct_group(opt: torch.optim.Optimizer, params: Sequence[torch.Tensor]) -> Optional[dict]:
+    """The parameter group when ``opt`` is a fused Adam the direct path reproduces exactly, else None."""
+    if type(opt) is not torch.optim.Adam or len(opt.param_groups) != 1:
+        return None
+    group = opt.param_groups[0]
+    if (not group.get("fused") or group["amsgrad"] or group["maximize"] or group.get("differentiable")
+            or group.get("capturable") or group.get("decoupled_weight_decay")
+            or isinstance(group["lr"], torch.Tensor) or any(isinstance(b, torch.Tensor) for b in group["betas"])):
+        return None
+    if opt._optimizer_step_pre_hooks or opt._optimizer_step_post_hooks or _global_optimizer_pre_hooks \
+            or _global_optimizer_post_hooks:
+        return None
+    if len(group["params"]) != len(params) or any(p not in opt.state for p in params):
+        return None  # the first step creates the state: step() does that
+    return group
+
+
+def apply_update(opt: torch.optim.Optimizer, params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
+                 found_inf: Optional[torch.Tensor] = None) -> None:
+    """Update ``params`` (``opt``'s parameters, in its order) with ``grads``; the grads are not kept."""
+    group = _direct_group(opt, params)
+    if group is None or any(g is None for g in grads):
+        for p, g in zip(params, grads):
+            p.grad = g
+        opt.found_inf = found_inf  # read by fused Adam's step(); other optimizers never see a skip here
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return
+    states = [opt.state[p] for p in params]
+    steps = [s["step"] for s in states]
+    beta1, beta2 = group["betas"]
+    torch._foreach_add_(steps, 1)
+    torch._fused_adam_(list(params), list(grads), [s["exp_avg"] for s in states],
+                       [s["exp_avg_sq"] for s in states], [], steps, lr=group["lr"], beta1=beta1, beta2=beta2,
+                       weight_decay=group["weight_decay"], eps=group["eps"], amsgrad=False, maximize=False,
+                       grad_scale=None, found_inf=found_inf)
+    if found_inf is not None:  # a skipped update does not count as a step (as in torch's fused Adam)
+        torch._foreach_sub_(steps, [found_inf] * len(steps))
+    opt._opt_called = True  # what step() records for LR schedulers' order check
