@@ -4,7 +4,7 @@ import copy
 import pytest
 import torch
 
-from vaegan_fast.optim import _direct_group, apply_update
+from vaegan_fast.optim import _direct_group, apply_update, apply_updates
 
 
 def _params(seed=0):
@@ -93,3 +93,20 @@ def test_a_missing_gradient_falls_back_to_step():
     apply_update(opt, params, grads)
     assert torch.equal(params[1], before[1])  # no gradient: untouched, as step() does
     assert not torch.equal(params[0], before[0])
+
+
+def test_optimizers_sharing_hyperparameters_update_in_one_call_exactly_as_apart():
+    nets = [_params(seed) for seed in range(3)]
+    refs = [_params(seed) for seed in range(3)]
+    lrs = [1e-3, 1e-3, 5e-4]  # two share a call, the third has its own
+    opts = [torch.optim.Adam(p, lr=lr, fused=True) for p, lr in zip(nets, lrs)]
+    ref_opts = [torch.optim.Adam(p, lr=lr, fused=True) for p, lr in zip(refs, lrs)]
+    skip = torch.tensor(1.0)
+    for step in range(4):
+        found = [None, skip if step == 2 else None, None]  # a gated network does not join the others' call
+        apply_updates([(o, p, _grads(p, step), f) for o, p, f in zip(opts, nets, found)])
+        for o, p, f in zip(ref_opts, refs, found):
+            _stepped_by_torch(p, o, _grads(p, step), f)
+        for net, ref in zip(nets, refs):
+            for a, b in zip(net, ref):
+                assert torch.equal(a, b)

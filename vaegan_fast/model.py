@@ -31,7 +31,7 @@ from torch import nn
 from . import checkpoint
 from .loss_scale import DynamicLossScale, loss_scale_options
 from .nn import FusedLinear, MLPDecoder, MLPDiscriminator, MLPEncoder
-from .optim import apply_update
+from .optim import apply_updates
 from .ops import discriminator_loss, feature_recon_loss, generator_loss, reparam_kl, softplus
 from .step import routed_step_gradients
 
@@ -162,7 +162,7 @@ class Model(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return next(self.parameters()).device
+        return self.gate_skips.device  # a buffer: moves with the model, found without walking the modules
 
     @property
     def dtype(self) -> torch.dtype:
@@ -437,6 +437,7 @@ class Model(nn.Module):
             if not skips_on_device and bool(overflow):  # reads the decision on the host
                 trained = []
         # All gradients are taken before any parameter changes in place.
+        updates = []
         for name in trained:
             # Fused Adam skips its whole update (state included) when found_inf is 1: no host sync. Its
             # grad_scale stays unset: the gradients are already unscaled.
@@ -448,7 +449,8 @@ class Model(nn.Module):
             # The optimizer's own list: the network's parameters in the same order, without walking modules.
             groups = getattr(opt, "param_groups", None)
             params = groups[0]["params"] if groups is not None and len(groups) == 1 else self.parameters_of(name)
-            apply_update(opt, params, grads[name], skip)
+            updates.append((opt, params, grads[name], skip))
+        apply_updates(updates)
         if scaler is not None:
             scaler.update_(overflow)
         self.gate_skips += torch.stack([~train_disc, ~train_dec]).long()

@@ -40,22 +40,40 @@ def _direct_group(opt: torch.optim.Optimizer, params: Sequence[torch.Tensor]) ->
 def apply_update(opt: torch.optim.Optimizer, params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
                  found_inf: Optional[torch.Tensor] = None) -> None:
     """Update ``params`` (``opt``'s parameters, in its order) with ``grads``; the grads are not kept."""
-    group = _direct_group(opt, params)
-    if group is None or any(g is None for g in grads):
-        for p, g in zip(params, grads):
-            p.grad = g
-        opt.found_inf = found_inf  # read by fused Adam's step(); other optimizers never see a skip here
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return
-    states = [opt.state[p] for p in params]
-    steps = [s["step"] for s in states]
-    beta1, beta2 = group["betas"]
-    torch._foreach_add_(steps, 1)
-    torch._fused_adam_(list(params), list(grads), [s["exp_avg"] for s in states],
-                       [s["exp_avg_sq"] for s in states], [], steps, lr=group["lr"], beta1=beta1, beta2=beta2,
-                       weight_decay=group["weight_decay"], eps=group["eps"], amsgrad=False, maximize=False,
-                       grad_scale=None, found_inf=found_inf)
-    if found_inf is not None:  # a skipped update does not count as a step (as in torch's fused Adam)
-        torch._foreach_sub_(steps, [found_inf] * len(steps))
-    opt._opt_called = True  # what step() records for LR schedulers' order check
+    apply_updates([(opt, params, grads, found_inf)])
+
+
+def apply_updates(updates: Sequence[tuple]) -> None:
+    """``apply_update`` for each (opt, params, grads, found_inf); the direct updates that share their
+    hyperparameters and found_inf run as one kernel call (the three networks of a step, usually)."""
+    batches: dict = {}
+    for opt, params, grads, found_inf in updates:
+        group = _direct_group(opt, params)
+        if group is None or any(g is None for g in grads):
+            for p, g in zip(params, grads):
+                p.grad = g
+            opt.found_inf = found_inf  # read by fused Adam's step(); other optimizers never see a skip here
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            continue
+        beta1, beta2 = group["betas"]
+        device, dtype = params[0].device, params[0].dtype
+        if any(p.device != device or p.dtype != dtype for p in params):
+            key = (id(opt),)  # mixed tensors: a call of their own (the kernel takes one device and dtype)
+        else:
+            key = (group["lr"], beta1, beta2, group["weight_decay"], group["eps"], id(found_inf), device, dtype)
+        batch = batches.setdefault(key, ([], [], [], found_inf, group))
+        states = [opt.state[p] for p in params]
+        batch[0].extend(params)
+        batch[1].extend(grads)
+        batch[2].extend(states)
+        opt._opt_called = True  # what step() records for LR schedulers' order check
+    for params, grads, states, found_inf, group in batches.values():
+        steps = [s["step"] for s in states]
+        beta1, beta2 = group["betas"]
+        torch._foreach_add_(steps, 1)
+        torch._fused_adam_(params, grads, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states], [],
+                           steps, lr=group["lr"], beta1=beta1, beta2=beta2, weight_decay=group["weight_decay"],
+                           eps=group["eps"], amsgrad=False, maximize=False, grad_scale=None, found_inf=found_inf)
+        if found_inf is not None:  # a skipped update does not count as a step (as in torch's fused Adam)
+            torch._foreach_sub_(steps, [found_inf] * len(steps))

@@ -1,10 +1,11 @@
 """Layer-level primitives of the dense layer for the explicit training step (vaegan_fast/step.py).
 
     dense_forward(x, W, b, act)  -> (y, saved)        y = act(x @ W^T + b); saved = what backward needs
-    dense_backward(dy, x, W, saved, need_dx, need_dw) -> (dx, dW, db)
+    dense_backward(dy, x, W, saved, has_bias, act, need_dx, need_dw) -> (dx, dW, db)
         da = dy * act'(saved);  dx = da @ W  (if need_dx);  dW = da^T @ x,  db = sum_rows da  (if need_dw)
 
-No autograd: the step calls these directly, forming each gradient product only where a loss needs it.
+No autograd: the step calls these directly, forming each gradient product only where a loss needs it; it
+resolves the backend's pair once per step (``dense_impls``), since it runs them for every layer.
 ``saved`` is the output y, from which relu, leaky_relu (positive slope), tanh and sigmoid derive their
 derivative, or the pre-activation for gelu and non-positive leaky slopes (``saves_preactivation``). Each
 backend registers its pair; the reference below is the specification.
@@ -61,13 +62,7 @@ def dense_backward_reference(dy, x, weight, saved, has_bias: bool, activation: s
     return dx, dw, db
 
 
-def dense_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], activation: str,
-                  negative_slope: float, backend: str):
-    _, impl = _dispatch.resolve(FORWARD_OP, backend, x.device, x.dtype)
-    return impl(x, weight, bias, activation, negative_slope)
-
-
-def dense_backward(dy, x, weight, saved, has_bias: bool, activation: str, negative_slope: float, need_dx: bool,
-                   need_dw: bool, backend: str):
-    _, impl = _dispatch.resolve(BACKWARD_OP, backend, dy.device, dy.dtype)
-    return impl(dy, x, weight, saved, has_bias, activation, negative_slope, need_dx, need_dw)
+def dense_impls(backend: str, device: torch.device, dtype: torch.dtype) -> tuple:
+    """The backend's (dense_forward, dense_backward) implementations, called with the arguments above."""
+    return (_dispatch.resolve(FORWARD_OP, backend, device, dtype)[1],
+            _dispatch.resolve(BACKWARD_OP, backend, device, dtype)[1])
