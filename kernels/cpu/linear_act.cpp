@@ -1,7 +1,8 @@
 // linear_act on the CPU: GEMM through ATen (BLAS), bias and activation in one pass over its output.
 //
 //   forward   a = x @ weight.T                      at::mm, x [M, K], weight [N, K]
-//             y = act(a + bias)                     one pass over a (in place when y is all backward needs)
+//             y = act(a + bias)                     one pass over a (in place when y is all backward needs);
+//                                                   identity: at::addmm adds the bias inside the GEMM, no pass
 //   backward  ga = grad_y * act'(.)                 one pass; the bias gradient (column sums of ga) is
 //                                                   accumulated in the same pass
 //             grad_x = ga @ weight, grad_weight = ga.T @ x     at::mm
@@ -14,7 +15,7 @@
 //     gelu'(a) = 0.5 (1 + th) + 0.5 a (1 - th^2) k0 (1 + 3 k1 a^2),  th = tanh(k0 (a + k1 a^3))
 //
 // Bytes moved besides the GEMMs, M x N outputs of size e: forward reads and writes a once (2 MNe; + MNe when
-// the pre-activation is kept); backward reads grad_y and the saved tensor and writes ga (3 MNe). Eager
+// the pre-activation is kept; none for the identity); backward reads grad_y and the saved tensor and writes ga (3 MNe). Eager
 // PyTorch: addmm's bias copy, the activation (2 MNe), and backward's activation derivative (3 MNe) plus a
 // separate bias-gradient reduction (MNe), with one dispatch per op.
 //
@@ -230,10 +231,15 @@ std::tuple<at::Tensor, at::Tensor> linear_act(const at::Tensor& x, const at::Ten
     return {y32.to(at::kBFloat16), pre32.to(at::kBFloat16)};
   }
   const bool keep_pre = keeps_preactivation(act, slope);
+  if (act == kIdentity) {
+    // No activation: BLAS adds the bias itself (beta = 1 over the bias rows), in the same pass that writes
+    // the product, instead of a second pass over the output.
+    at::Tensor a = has_bias ? at::addmm(*bias_, x, weight.t()) : at::mm(x, weight.t());
+    return {a.is_contiguous() ? a : a.contiguous(), at::empty({0}, a.options())};
+  }
   at::Tensor a = at::mm(x, weight.t());
   if (!a.is_contiguous()) a = a.contiguous();
   const bool add_bias = has_bias;
-  if (act == kIdentity && !add_bias) return {a, at::empty({0}, a.options())};
   at::Tensor y = keep_pre ? at::empty_like(a) : a;
   if (M * N > 0) {
     VFN_DISPATCH(x.scalar_type(), "linear_act", [&] {
