@@ -284,6 +284,11 @@ def _opcheck_cases():
         cases.append(("linear_act_backward", (torch.randn(6, 3), x, w, torch.randn(6, 3), not keep,
                                               ops.ACTIVATIONS.index(act), slope, [True, True, True])))
     cases.append(("linear_act", (x.clone().requires_grad_(), w, None, 1, 0.2)))
+    w2, b2 = torch.randn(2, 3), torch.randn(2)
+    cases.append(("dense_chain_forward", (x, [w, w2], [b, None], [2, 5], [0.2, 0.0])))
+    h = torch.randn(6, 3)
+    cases.append(("dense_chain_backward", (torch.randn(4, 2), [x, h], [w, w2], [torch.randn(6, 3), torch.randn(6, 2)],
+                                           [1, 0], [2, 5], [0.2, 0.0], 1, 5, True, True)))
     cases.append(("linear_act", (x.clone().to(torch.bfloat16).requires_grad_(), w.to(torch.bfloat16),
                                  b.to(torch.bfloat16), 5, 0.2)))
     return cases

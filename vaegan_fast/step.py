@@ -41,7 +41,7 @@ from dataclasses import dataclass
 import torch
 
 from .nn.networks import LOGVAR_MAX, LOGVAR_MIN
-from .ops.dense import dense_impls
+from .ops.dense import dense_chain_impls
 from .ops.gan_losses import feature_recon_terms, softplus, softplus_terms
 from .ops.image_head import image_head_backward, image_head_forward, loss_dtype_of
 from .ops.reparam_kl import reparam_kl_backward, reparam_kl_forward
@@ -65,38 +65,6 @@ def _layers(fused_linears, dtype: torch.dtype) -> list:
     return [_Layer(_as(l.weight, dtype), _as(l.bias, dtype), l.activation, l.negative_slope) for l in fused_linears]
 
 
-def _forward(layers: list, x: torch.Tensor, dense_forward) -> tuple:
-    """Output and, per layer, (input, saved) for the backward streams."""
-    cache = []
-    for layer in layers:
-        y, saved = dense_forward(x, layer.weight, layer.bias, layer.activation, layer.negative_slope)
-        cache.append((x, saved))
-        x = y
-    return x, cache
-
-
-def _backward(layers: list, cache: list, dy: torch.Tensor, rows: slice, top: int, weights: bool,
-              input_grad: bool, dense_backward):
-    """Push dy (for cached ``rows``) from layer ``top`` down to layer 0.
-
-    Returns (gradient at layer 0's input or None, {layer index: (dW, db)} when ``weights``).
-    """
-    grads = {}
-    whole = rows.start in (None, 0) and rows.stop is None  # all rows: pass the tensors, not views of them
-    for i in range(top, -1, -1):
-        layer = layers[i]
-        x, saved = cache[i]
-        if not whole:
-            x, saved = x[rows], saved[rows]
-        need_dx = i > 0 or input_grad
-        dx, dw, db = dense_backward(dy, x, layer.weight, saved, layer.bias is not None,
-                                    layer.activation, layer.negative_slope, need_dx, weights)
-        if weights:
-            grads[i] = (dw, db)
-        dy = dx
-    return dy, grads
-
-
 def _seed(grad: torch.Tensor, loss_scale, dtype: torch.dtype) -> torch.Tensor:
     """A loss's gradient that starts a backward stream: times the loss scale, in the compute dtype."""
     if loss_scale is not None:
@@ -104,7 +72,7 @@ def _seed(grad: torch.Tensor, loss_scale, dtype: torch.dtype) -> torch.Tensor:
     return _as(grad, dtype)
 
 
-def _param_grads(layers_grads: dict, count: int) -> list:
+def _param_grads(layers_grads: list, count: int) -> list:
     """The gradients in the order of the network's parameters: each layer's weight, then its bias if any."""
     out = []
     for i in range(count):
@@ -139,15 +107,16 @@ def routed_step_gradients(model, x: torch.Tensor, eps: torch.Tensor, z_prior: to
     loss_dtype = loss_dtype_of(x.dtype)  # fp32 for fp16, whose range the losses' sums exceed
 
     # ---- forward
-    dense_fwd, dense_bwd = dense_impls(backend, x.device, x.dtype)  # resolved once for every layer below
-    stats, enc_cache = _forward(enc_layers, x, dense_fwd)
+    # A network's forward, or one backward stream through it, is one chain call (ops/dense.py).
+    forward, backward = dense_chain_impls(backend, x.device, x.dtype)
+    stats, enc_cache = forward(enc_layers, x)
     mu, logvar_raw = stats[:, :latent], stats[:, latent:]
     logvar = logvar_raw.clamp(LOGVAR_MIN, LOGVAR_MAX)
     mu, logvar, eps = _as(mu, loss_dtype), _as(logvar, loss_dtype), _as(eps, loss_dtype)
     z, kl = reparam_kl_forward(mu, logvar, eps, backend)
     # Row order [prior; reconstruction] in the decoder and [real; prior; reconstruction] in the
     # discriminator: every stream below then works on one contiguous block of rows.
-    logits, dec_cache = _forward(dec_layers, torch.cat([z_prior, _as(z, x.dtype)]), dense_fwd)
+    logits, dec_cache = forward(dec_layers, torch.cat([z_prior, _as(z, x.dtype)]))
     # The images are written straight into the discriminator's input (no concatenation copy). Large
     # temporaries are costly on a CPU (each is fresh memory to fault in), so this section and the one
     # through the sigmoid below reuse buffers in place.
@@ -157,7 +126,7 @@ def routed_step_gradients(model, x: torch.Tensor, eps: torch.Tensor, z_prior: to
     pixel_weight = cfg["pixel_weight"]
     # images = sigmoid(logits), and the pixel term of the reconstructions, in one pass (ops/image_head.py)
     pixel = image_head_forward(logits, x, images, pixel_weight > 0, backend)
-    scores, dis_cache = _forward(dis_layers, dis_input, dense_fwd)
+    scores, dis_cache = forward(dis_layers, dis_input)
     scores = _as(scores.reshape(3 * batch), loss_dtype)
     s_real, s_prior, s_rec = scores[:batch], scores[batch:2 * batch], scores[2 * batch:]
     features = dis_cache[feature_layer + 1][0]
@@ -193,15 +162,13 @@ def routed_step_gradients(model, x: torch.Tensor, eps: torch.Tensor, z_prior: to
         dec_loss = dec_loss + pixel_weight * pixel
 
     # ---- discriminator streams
-    top = len(dis_layers) - 1
     d_rows = slice(None) if fakes_end == 3 * batch else slice(0, fakes_end)
-    _, d_grads = _backward(dis_layers, dis_cache, grad_scores_d.unsqueeze(1), d_rows, top, True, False, dense_bwd)
+    _, d_grads = backward(dis_layers, dis_cache, grad_scores_d.unsqueeze(1), d_rows, True, False)
     grads = {"discriminator": _param_grads(d_grads, len(dis_layers))}
     done("discriminator", grads["discriminator"])
-    g_input, _ = _backward(dis_layers, dis_cache, grad_scores_g.unsqueeze(1), slice(batch, fakes_end), top,
-                           False, True, dense_bwd)
-    u_input, _ = _backward(dis_layers, dis_cache, d_llike, slice(2 * batch, None), feature_layer, False, True,
-                           dense_bwd)
+    g_input, _ = backward(dis_layers, dis_cache, grad_scores_g.unsqueeze(1), slice(batch, fakes_end), False, True)
+    below = feature_layer + 1  # the feature-reconstruction gradient enters at the feature layer's output
+    u_input, _ = backward(dis_layers[:below], dis_cache[:below], d_llike, slice(2 * batch, None), False, True)
 
     # ---- through the sigmoid into the decoder's logits (rows [prior; reconstruction]), with the pixel term's
     # gradient (times the loss scale in fp16) added on the reconstruction rows, in one pass
@@ -209,11 +176,10 @@ def routed_step_gradients(model, x: torch.Tensor, eps: torch.Tensor, z_prior: to
                                          cfg["recon_as_fake"], loss_scale, backend)
 
     # ---- decoder streams
-    top = len(dec_layers) - 1
-    _, dd_grads = _backward(dec_layers, dec_cache, dec_up, slice(None), top, True, False, dense_bwd)
+    _, dd_grads = backward(dec_layers, dec_cache, dec_up, slice(None), True, False)
     grads["decoder"] = _param_grads(dd_grads, len(dec_layers))
     done("decoder", grads["decoder"])
-    dz, _ = _backward(dec_layers, dec_cache, enc_up, slice(batch, None), top, False, True, dense_bwd)
+    dz, _ = backward(dec_layers, dec_cache, enc_up, slice(batch, None), False, True)
 
     # ---- encoder: reparameterization, KL and the clamp, then the MLP
     grad_kl = torch.full_like(kl, 1.0 / batch)
@@ -221,8 +187,8 @@ def routed_step_gradients(model, x: torch.Tensor, eps: torch.Tensor, z_prior: to
         grad_kl.mul_(loss_scale)
     d_mu, d_logvar = reparam_kl_backward(mu, logvar, eps, _as(dz, loss_dtype), grad_kl, backend)
     d_logvar = d_logvar * ((logvar_raw >= LOGVAR_MIN) & (logvar_raw <= LOGVAR_MAX))
-    _, e_grads = _backward(enc_layers, enc_cache, _as(torch.cat([d_mu, d_logvar], 1), x.dtype), slice(None),
-                           len(enc_layers) - 1, True, False, dense_bwd)
+    _, e_grads = backward(enc_layers, enc_cache, _as(torch.cat([d_mu, d_logvar], 1), x.dtype), slice(None), True,
+                          False)
 
     grads["encoder"] = _param_grads(e_grads, len(enc_layers))
     done("encoder", grads["encoder"])

@@ -28,6 +28,16 @@ TORCH_LIBRARY(vaegan_fast_native, m) {
   m.def(
       "linear_act_backward(Tensor grad_y, Tensor x, Tensor weight, Tensor saved, bool saved_is_output, "
       "int activation, float negative_slope, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+  // The routed step's streams of layers, one call each (linear_act.cpp): the forward returns
+  // [y_0, kept_0, y_1, kept_1, ...]; the backward [dx, dW_0, db_0, ...], from the top layer down, on rows
+  // [row_start, row_end) of the cached inputs and saved tensors.
+  m.def(
+      "dense_chain_forward(Tensor x, Tensor[] weights, Tensor?[] biases, int[] activations, "
+      "float[] negative_slopes) -> Tensor[]");
+  m.def(
+      "dense_chain_backward(Tensor grad_y, Tensor[] inputs, Tensor[] weights, Tensor[] saved, int[] has_bias, "
+      "int[] activations, float[] negative_slopes, int row_start, int row_end, bool weight_grads, "
+      "bool input_grad) -> Tensor[]");
   // The routed step's image head (image_head.cpp): images = sigmoid(logits) written into `images`, and the
   // pixel BCE term of the reconstruction rows (0 unless with_pixel); backward: (dec_up, enc_up), the
   // gradients at the decoder's logits and at its reconstruction rows for the encoder.

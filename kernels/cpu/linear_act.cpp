@@ -299,6 +299,68 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_act_backward(
   return {gx, gw, bias_grad};
 }
 
+// ---- one stream of layers per call (the routed training step, vaegan_fast/step.py) --------------------
+// The functions above, looped here: a network's forward, or one of the step's backward streams, is then one op
+// call instead of one per layer (a call from Python costs about as much as a small layer's products).
+//   dense_chain_forward   h_0 = x, (h_{i+1}, kept_i) = linear_act(h_i, W_i, b_i, act_i, slope_i)
+//                         -> [h_1, kept_0, h_2, kept_1, ...]   (kept_i empty unless the pre-activation is kept)
+//   dense_chain_backward  from the top layer L = len(W) - 1 down to 0, on rows [row_start, row_end) of the
+//                         cached inputs and saved tensors: g_L = dy, (g_{i-1}, dW_i, db_i) = linear_act_backward
+//                         -> [dx (g_{-1}; empty unless input_grad), dW_0, db_0, ..., dW_L, db_L]
+//                         (dW, db empty unless weight_grads; db empty for a layer without bias)
+std::vector<at::Tensor> dense_chain_forward(const at::Tensor& x, at::TensorList weights,
+                                            const c10::List<std::optional<at::Tensor>>& biases,
+                                            at::IntArrayRef activations, at::ArrayRef<double> slopes) {
+  const size_t n = weights.size();
+  TORCH_CHECK(n > 0 && biases.size() == n && activations.size() == n && slopes.size() == n,
+              "vaegan_fast native dense_chain_forward: weights, biases, activations and negative_slopes must "
+              "have one entry per layer");
+  std::vector<at::Tensor> out;
+  out.reserve(2 * n);
+  at::Tensor h = x;
+  for (size_t i = 0; i < n; ++i) {
+    auto [y, kept] = linear_act(h, weights[i], biases.get(i), activations[i], slopes[i]);
+    out.push_back(y);
+    out.push_back(kept);
+    h = y;
+  }
+  return out;
+}
+
+std::vector<at::Tensor> dense_chain_backward(const at::Tensor& dy, at::TensorList inputs, at::TensorList weights,
+                                             at::TensorList saved, at::IntArrayRef has_bias,
+                                             at::IntArrayRef activations, at::ArrayRef<double> slopes,
+                                             int64_t row_start, int64_t row_end, bool weight_grads,
+                                             bool input_grad) {
+  const int64_t n = static_cast<int64_t>(weights.size());
+  TORCH_CHECK(n > 0 && static_cast<int64_t>(inputs.size()) == n && static_cast<int64_t>(saved.size()) == n &&
+                  static_cast<int64_t>(has_bias.size()) == n && static_cast<int64_t>(activations.size()) == n &&
+                  static_cast<int64_t>(slopes.size()) == n,
+              "vaegan_fast native dense_chain_backward: inputs, weights, saved, has_bias, activations and "
+              "negative_slopes must have one entry per layer");
+  TORCH_CHECK(0 <= row_start && row_start < row_end && row_end <= inputs[0].size(0),
+              "vaegan_fast native dense_chain_backward: rows [", row_start, ", ", row_end, ") out of range");
+  const at::Tensor none = at::empty({0}, dy.options());
+  std::vector<at::Tensor> out(1 + 2 * n, none);
+  at::Tensor g = dy;
+  for (int64_t i = n - 1; i >= 0; --i) {
+    at::Tensor xi = inputs[i], si = saved[i];
+    if (row_start != 0 || row_end != xi.size(0)) {
+      xi = xi.narrow(0, row_start, row_end - row_start);
+      si = si.narrow(0, row_start, row_end - row_start);
+    }
+    const bool need_dx = i > 0 || input_grad;
+    const bool saved_is_output = !keeps_preactivation(activations[i], slopes[i]);
+    auto [gx, gw, gb] = linear_act_backward(g, xi, weights[i], si, saved_is_output, activations[i], slopes[i],
+                                            {need_dx, weight_grads, weight_grads && has_bias[i] != 0});
+    out[1 + 2 * i] = gw;
+    out[2 + 2 * i] = gb;
+    g = gx;
+  }
+  if (input_grad) out[0] = g;
+  return out;
+}
+
 // ---- autograd (in C++: no Python on the dispatch path) ------------------------------------------------
 namespace {
 using torch::autograd::AutogradContext;
@@ -383,6 +445,8 @@ TORCH_LIBRARY_IMPL(vaegan_fast_native, Autograd, m) { m.impl("linear_act", &line
 TORCH_LIBRARY_IMPL(vaegan_fast_native, CPU, m) {
   m.impl("linear_act", &linear_act);
   m.impl("linear_act_backward", &linear_act_backward);
+  m.impl("dense_chain_forward", &dense_chain_forward);
+  m.impl("dense_chain_backward", &dense_chain_backward);
 }
 
 }  // namespace vaegan_fast_native

@@ -51,6 +51,12 @@ def register(op: str, backend: str) -> Callable[[Callable], Callable]:
     return decorate
 
 
+def implementation(op: str, backend: str) -> Optional[Callable]:
+    """What ``backend`` registered for ``op``, or None (no availability or dtype checks: for composite
+    primitives whose parts were resolved already)."""
+    return _impls.get((op, backend))
+
+
 def set_availability(backend: str, check: Callable[[torch.device], Optional[str]]) -> None:
     _availability[backend] = check
     _resolved.clear()

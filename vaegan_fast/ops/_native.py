@@ -223,6 +223,56 @@ def dense_backward_native(dy: Tensor, x: Tensor, weight: Tensor, saved: Tensor, 
     return (dx if mask[0] else None), (dw if mask[1] else None), (db if mask[2] else None)
 
 
+# The chains (ops/dense.py): a network's forward or one backward stream in one C++ call, looping the same
+# functions as linear_act and linear_act_backward.
+@torch.library.register_fake("vaegan_fast_native::dense_chain_forward")
+def _(x, weights, biases, activations, negative_slopes):
+    out, rows = [], x.shape[0]
+    for w, act, slope in zip(weights, activations, negative_slopes):
+        out += [x.new_empty((rows, w.shape[0])),
+                x.new_empty((rows, w.shape[0]) if keeps_preactivation(act, slope) else (0,))]
+    return out
+
+
+@torch.library.register_fake("vaegan_fast_native::dense_chain_backward")
+def _(grad_y, inputs, weights, saved, has_bias, activations, negative_slopes, row_start, row_end, weight_grads,
+      input_grad):
+    rows = row_end - row_start
+    out = [grad_y.new_empty((rows, inputs[0].shape[1]) if input_grad else (0,))]
+    for w, bias in zip(weights, has_bias):
+        out += [grad_y.new_empty(w.shape if weight_grads else (0,)),
+                grad_y.new_empty((w.shape[0],) if weight_grads and bias else (0,))]
+    return out
+
+
+@_dispatch.register("dense_chain_forward", "native")
+def dense_chain_forward_native(layers: list, x: Tensor) -> tuple:
+    acts = [_ACTIVATION_INDEX[l.activation] for l in layers]
+    slopes = [float(l.negative_slope) for l in layers]
+    out = _untracked(_ops.dense_chain_forward, x, [l.weight for l in layers], [l.bias for l in layers], acts,
+                     slopes)
+    cache = []
+    for i, (act, slope) in enumerate(zip(acts, slopes)):
+        y = out[2 * i]
+        cache.append((x, out[2 * i + 1] if keeps_preactivation(act, slope) else y))
+        x = y
+    return x, cache
+
+
+@_dispatch.register("dense_chain_backward", "native")
+def dense_chain_backward_native(layers: list, cache: list, dy: Tensor, rows: slice, weight_grads: bool,
+                                input_grad: bool) -> tuple:
+    start, stop, _ = rows.indices(cache[0][0].shape[0])
+    out = _untracked(_ops.dense_chain_backward, dy, [c[0] for c in cache[:len(layers)]],
+                     [l.weight for l in layers], [c[1] for c in cache[:len(layers)]],
+                     [int(l.bias is not None) for l in layers], [_ACTIVATION_INDEX[l.activation] for l in layers],
+                     [float(l.negative_slope) for l in layers], start, stop, bool(weight_grads), bool(input_grad))
+    grads = None
+    if weight_grads:
+        grads = [(out[1 + 2 * i], out[2 + 2 * i] if l.bias is not None else None) for i, l in enumerate(layers)]
+    return (out[0] if input_grad else None), grads
+
+
 # =========================================================================================================
 # The step's loss and reparameterization primitives (value and input gradients in one call, no autograd)
 # =========================================================================================================

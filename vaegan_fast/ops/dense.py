@@ -4,8 +4,8 @@
     dense_backward(dy, x, W, saved, has_bias, act, need_dx, need_dw) -> (dx, dW, db)
         da = dy * act'(saved);  dx = da @ W  (if need_dx);  dW = da^T @ x,  db = sum_rows da  (if need_dw)
 
-No autograd: the step calls these directly, forming each gradient product only where a loss needs it; it
-resolves the backend's pair once per step (``dense_impls``), since it runs them for every layer.
+No autograd: the step calls these directly, forming each gradient product only where a loss needs it,
+through the chains below (a network's forward, or one backward stream, as one call).
 ``saved`` is the output y, from which relu, leaky_relu (positive slope), tanh and sigmoid derive their
 derivative, or the pre-activation for gelu and non-positive leaky slopes (``saves_preactivation``). Each
 backend registers its pair; the reference below is the specification.
@@ -62,7 +62,59 @@ def dense_backward_reference(dy, x, weight, saved, has_bias: bool, activation: s
     return dx, dw, db
 
 
-def dense_impls(backend: str, device: torch.device, dtype: torch.dtype) -> tuple:
-    """The backend's (dense_forward, dense_backward) implementations, called with the arguments above."""
-    return (_dispatch.resolve(FORWARD_OP, backend, device, dtype)[1],
-            _dispatch.resolve(BACKWARD_OP, backend, device, dtype)[1])
+# ---------------------------------------------------------------------------------------------------------
+# Chains: a network's forward, or one backward stream through its layers, as one primitive. ``layers`` are
+# objects with weight, bias, activation and negative_slope (vaegan_fast/step.py's _Layer).
+#   chain_forward(layers, x) -> (y, cache)      cache[i] = (input of layer i, what its backward needs)
+#   chain_backward(layers, cache, dy, rows, weight_grads, input_grad) -> (dx or None, [(dW, db)] or None)
+#       dy enters at the last of ``layers`` and goes down to layer 0, on ``rows`` (a slice) of the cached
+#       tensors; dx is the gradient at layer 0's input (when input_grad), db None for a layer without bias.
+# The loop below, over a backend's layer pair, is the specification; a backend may register its own chain
+# (the native one runs the loop in C++: one op call per stream instead of one per layer).
+# ---------------------------------------------------------------------------------------------------------
+CHAIN_FORWARD_OP, CHAIN_BACKWARD_OP = "dense_chain_forward", "dense_chain_backward"
+
+
+def chain_of(dense_forward, dense_backward) -> tuple:
+    """(chain_forward, chain_backward) looping over a backend's layer pair."""
+    def chain_forward(layers: list, x: torch.Tensor) -> tuple:
+        cache = []
+        for layer in layers:
+            y, saved = dense_forward(x, layer.weight, layer.bias, layer.activation, layer.negative_slope)
+            cache.append((x, saved))
+            x = y
+        return x, cache
+
+    def chain_backward(layers: list, cache: list, dy: torch.Tensor, rows: slice, weight_grads: bool,
+                       input_grad: bool) -> tuple:
+        grads = [None] * len(layers) if weight_grads else None
+        whole = rows.start in (None, 0) and rows.stop is None  # all rows: the tensors, not views of them
+        for i in range(len(layers) - 1, -1, -1):
+            layer = layers[i]
+            x, saved = cache[i]
+            if not whole:
+                x, saved = x[rows], saved[rows]
+            dx, dw, db = dense_backward(dy, x, layer.weight, saved, layer.bias is not None, layer.activation,
+                                        layer.negative_slope, i > 0 or input_grad, weight_grads)
+            if weight_grads:
+                grads[i] = (dw, db)
+            dy = dx
+        return (dy if input_grad else None), grads
+
+    return chain_forward, chain_backward
+
+
+_chains: dict = {}
+
+
+def dense_chain_impls(backend: str, device: torch.device, dtype: torch.dtype) -> tuple:
+    """The (chain_forward, chain_backward) of the backend that runs the dense layers for this device and
+    dtype: its own chain when it registered one, else the loop over its layer pair."""
+    name, forward = _dispatch.resolve(FORWARD_OP, backend, device, dtype)
+    own = _dispatch.implementation(CHAIN_FORWARD_OP, name), _dispatch.implementation(CHAIN_BACKWARD_OP, name)
+    if None not in own:
+        return own
+    backward = _dispatch.resolve(BACKWARD_OP, name, device, dtype)[1]
+    if (forward, backward) not in _chains:
+        _chains[(forward, backward)] = chain_of(forward, backward)
+    return _chains[(forward, backward)]
