@@ -401,8 +401,10 @@ class Model(nn.Module):
                     pending[name] = dp.start_average(grads[name])
 
             eps, z_prior = self._draw_noise(x.shape[0], 2, x.dtype)
+            # Data-parallel training keeps the Python streams, whose per-network callback starts each
+            # all-reduce while the rest of the backward runs; otherwise the backend's whole step, if it has one.
             _, losses = routed_step_gradients(self, x.to(compute), eps, z_prior.to(compute), network_done,
-                                              loss_scale=scale)
+                                              loss_scale=scale, whole_step=dp is None)
             if compute != master:
                 losses = {k: v.to(master) for k, v in losses.items()}
         else:

@@ -41,10 +41,13 @@ from dataclasses import dataclass
 import torch
 
 from .nn.networks import LOGVAR_MAX, LOGVAR_MIN
-from .ops.dense import dense_chain_impls
+from .ops import _dispatch
+from .ops.dense import FORWARD_OP as DENSE_FORWARD_OP, dense_chain_impls
 from .ops.gan_losses import feature_recon_terms, softplus, softplus_terms
 from .ops.image_head import image_head_backward, image_head_forward, loss_dtype_of
 from .ops.reparam_kl import reparam_kl_backward, reparam_kl_forward
+
+WHOLE_STEP_OP = "routed_step"  # a backend's whole step in one primitive (the native backend registers it)
 
 
 @dataclass
@@ -83,7 +86,8 @@ def _param_grads(layers_grads: list, count: int) -> list:
 
 @torch.no_grad()  # every gradient here is formed explicitly: autograd records nothing
 def routed_step_gradients(model, x: torch.Tensor, eps: torch.Tensor, z_prior: torch.Tensor,
-                          on_network_done=None, memory: dict | None = None, loss_scale=None) -> tuple:
+                          on_network_done=None, memory: dict | None = None, loss_scale=None,
+                          whole_step: bool = True) -> tuple:
     """({network: [grad per parameter]}, losses) of one VAE-GAN step of ``model``'s built-in MLPs.
 
     x and z_prior are in the compute dtype; eps is cast to the reparameterization's. ``loss_scale`` (a 0-dim
@@ -94,21 +98,37 @@ def routed_step_gradients(model, x: torch.Tensor, eps: torch.Tensor, z_prior: to
     overlapping communication with the rest of the backward pass. ``memory``, if given, receives
     "saved_bytes": the bytes of the distinct tensors the forward pass keeps for the backward streams (what
     autograd's saved tensors are to a straightforward step).
+
+    ``whole_step``: where the backend runs this whole step as one primitive ("routed_step": the native CPU
+    backend does, in C++), use it, unless ``memory`` or ``loss_scale`` is asked for; ``on_network_done`` is then
+    called for the three networks in the same order once the step is done (no overlap: data-parallel training
+    passes False). The code below is its specification, and tests/test_routed_step.py checks it bit for bit.
     """
     done = on_network_done or (lambda name, grads: None)
     cfg, backend = model.config, model.config["backend"]
     batch = x.shape[0]
     body = list(model.encoder.body.layers) if hasattr(model.encoder.body, "layers") else []
+    feature_layer = model.discriminator.feature_layer % (len(model.discriminator.net.layers) - 1)
+    latent = cfg["latent_dim"]
+    # A network's forward, or one backward stream through it, is one chain call (ops/dense.py).
+    forward, backward = dense_chain_impls(backend, x.device, x.dtype)
+    # The backend that runs the dense layers here; its whole-step primitive, if it has one.
+    name = _dispatch.resolve(DENSE_FORWARD_OP, backend, x.device, x.dtype)[0]
+    whole = _dispatch.implementation(WHOLE_STEP_OP, name) if whole_step else None
+    if whole is not None and memory is None and loss_scale is None:
+        networks = {"encoder": body + [model.encoder.head], "decoder": list(model.decoder.net.layers),
+                    "discriminator": list(model.discriminator.net.layers)}
+        grads, losses = whole(networks, x, eps, z_prior, latent, feature_layer, cfg["gamma"], cfg["pixel_weight"],
+                              cfg["recon_as_fake"], cfg["saturating"], (LOGVAR_MIN, LOGVAR_MAX))
+        for net in ("discriminator", "decoder", "encoder"):
+            done(net, grads[net])
+        return grads, losses
     enc_layers = _layers(body + [model.encoder.head], x.dtype)  # computes in x's dtype (the model's precision)
     dec_layers = _layers(model.decoder.net.layers, x.dtype)
     dis_layers = _layers(model.discriminator.net.layers, x.dtype)
-    feature_layer = model.discriminator.feature_layer % (len(dis_layers) - 1)
-    latent = cfg["latent_dim"]
     loss_dtype = loss_dtype_of(x.dtype)  # fp32 for fp16, whose range the losses' sums exceed
 
     # ---- forward
-    # A network's forward, or one backward stream through it, is one chain call (ops/dense.py).
-    forward, backward = dense_chain_impls(backend, x.device, x.dtype)
     stats, enc_cache = forward(enc_layers, x)
     mu, logvar_raw = stats[:, :latent], stats[:, latent:]
     logvar = logvar_raw.clamp(LOGVAR_MIN, LOGVAR_MAX)

@@ -1,6 +1,6 @@
 // The schemas of the native CPU ops, all in one place. The kernels (TORCH_LIBRARY_IMPL for CPU) live in
 // reparam_kl.cpp, gan_losses.cpp, linear_act.cpp and image_head.cpp, one file per op with its math, bytes
-// moved and autograd formula; the fake (meta) implementations are registered from Python, in
+// moved and autograd formula, and routed_step.cpp runs the training step over them; the fake (meta) implementations are registered from Python, in
 // vaegan_fast/ops/_native.py. Load with torch.ops.load_library(path) after importing torch.
 #include <torch/library.h>
 
@@ -45,4 +45,14 @@ TORCH_LIBRARY(vaegan_fast_native, m) {
   m.def(
       "image_head_backward(Tensor images, Tensor x, Tensor g_fake, Tensor u_rec, float gamma, "
       "float pixel_factor, bool recon_as_fake) -> (Tensor, Tensor)");
+  // The whole routed training step in one call (routed_step.cpp; vaegan_fast/step.py is its specification):
+  // [encoder grads, decoder grads, discriminator grads (each network's parameter order), losses encoder,
+  // decoder, discriminator, kl, llike, generator, d_real, d_fake (, pixel when pixel_weight > 0)].
+  m.def(
+      "routed_step(Tensor x, Tensor eps, Tensor z_prior, "
+      "Tensor[] enc_weights, Tensor?[] enc_biases, int[] enc_activations, float[] enc_slopes, "
+      "Tensor[] dec_weights, Tensor?[] dec_biases, int[] dec_activations, float[] dec_slopes, "
+      "Tensor[] dis_weights, Tensor?[] dis_biases, int[] dis_activations, float[] dis_slopes, "
+      "int latent, int feature_layer, float gamma, float pixel_weight, bool recon_as_fake, bool saturating, "
+      "float logvar_min, float logvar_max) -> Tensor[]");
 }

@@ -329,3 +329,46 @@ def image_head_backward_native(images: Tensor, x: Tensor, g_fake: Tensor, u_rec:
         return image_head_backward_reference(images, x, g_fake, u_rec, gamma, pixel_factor, recon_as_fake, scale)
     return tuple(_untracked(_ops.image_head_backward, images, x, g_fake.contiguous(), u_rec.contiguous(), gamma,
                             pixel_factor, recon_as_fake))
+
+
+# =========================================================================================================
+# The whole routed training step (vaegan_fast/step.py is its specification) in one C++ call
+# =========================================================================================================
+@torch.library.register_fake("vaegan_fast_native::routed_step")
+def _(x, eps, z_prior, enc_weights, enc_biases, enc_activations, enc_slopes, dec_weights, dec_biases,
+      dec_activations, dec_slopes, dis_weights, dis_biases, dis_activations, dis_slopes, latent, feature_layer,
+      gamma, pixel_weight, recon_as_fake, saturating, logvar_min, logvar_max):
+    grads = [x.new_empty(t.shape) for ws, bs in ((enc_weights, enc_biases), (dec_weights, dec_biases),
+                                                 (dis_weights, dis_biases))
+             for w, b in zip(ws, bs) for t in ((w,) if b is None else (w, b))]
+    return grads + [x.new_empty(()) for _ in range(9 if pixel_weight > 0 else 8)]
+
+
+ROUTED_STEP_LOSSES = ("encoder", "decoder", "discriminator", "kl", "llike", "generator", "d_real", "d_fake", "pixel")
+
+
+def _network_args(layers: list) -> list:
+    return [[l.weight for l in layers], [l.bias for l in layers], [_ACTIVATION_INDEX[l.activation] for l in layers],
+            [float(l.negative_slope) for l in layers]]
+
+
+@_dispatch.register("routed_step", "native")
+def routed_step_native(networks: dict, x: Tensor, eps: Tensor, z_prior: Tensor, latent: int, feature_layer: int,
+                       gamma: float, pixel_weight: float, recon_as_fake: bool, saturating: bool,
+                       logvar_range: tuple) -> tuple:
+    """({network: [grad per parameter]}, losses) of step.py's routed step, run by one C++ op.
+
+    ``networks`` maps "encoder", "decoder", "discriminator" to their fused linear layers (weight, bias,
+    activation, negative_slope), bottom to top."""
+    _check_dtypes(x=x, eps=eps, z_prior=z_prior)
+    names = ("encoder", "decoder", "discriminator")
+    args = [a for name in names for a in _network_args(networks[name])]
+    out = _untracked(_ops.routed_step, x, eps, z_prior, *args, int(latent), int(feature_layer), float(gamma),
+                     float(pixel_weight), bool(recon_as_fake), bool(saturating), float(logvar_range[0]),
+                     float(logvar_range[1]))
+    grads, at = {}, 0
+    for name in names:
+        count = sum(1 if l.bias is None else 2 for l in networks[name])
+        grads[name] = out[at:at + count]
+        at += count
+    return grads, dict(zip(ROUTED_STEP_LOSSES, out[at:]))
