@@ -25,7 +25,9 @@ and the backward runs these streams, each on only the rows and layers where it i
 The losses and the reparameterization run through the backend's fused kernels, which return each loss's
 value and its gradient with respect to its inputs in one pass (``softplus_terms``, ``feature_recon_terms``,
 ``reparam_kl_forward`` / ``reparam_kl_backward``), so on the triton and native backends the whole step is
-the project's kernels plus the optimizer. ``step_flops`` counts the products this performs;
+the project's kernels plus the optimizer. The native backend runs this whole function as one C++ op
+(kernels/cpu/routed_step.cpp: the same kernels in the same order, without Python between them), which
+``routed_step_gradients`` takes when it can (see ``whole_step``). ``step_flops`` counts the products this performs;
 ``tests/test_step.py`` checks that the gradients equal those of the three-grad step.
 
 The step computes in x's dtype. In fp16, whose range is too narrow for the losses' sums and exp(logvar), the
@@ -110,8 +112,6 @@ def routed_step_gradients(model, x: torch.Tensor, eps: torch.Tensor, z_prior: to
     body = list(model.encoder.body.layers) if hasattr(model.encoder.body, "layers") else []
     feature_layer = model.discriminator.feature_layer % (len(model.discriminator.net.layers) - 1)
     latent = cfg["latent_dim"]
-    # A network's forward, or one backward stream through it, is one chain call (ops/dense.py).
-    forward, backward = dense_chain_impls(backend, x.device, x.dtype)
     # The backend that runs the dense layers here; its whole-step primitive, if it has one.
     name = _dispatch.resolve(DENSE_FORWARD_OP, backend, x.device, x.dtype)[0]
     whole = _dispatch.implementation(WHOLE_STEP_OP, name) if whole_step else None
@@ -129,6 +129,8 @@ def routed_step_gradients(model, x: torch.Tensor, eps: torch.Tensor, z_prior: to
     loss_dtype = loss_dtype_of(x.dtype)  # fp32 for fp16, whose range the losses' sums exceed
 
     # ---- forward
+    # A network's forward, or one backward stream through it, is one chain call (ops/dense.py).
+    forward, backward = dense_chain_impls(backend, x.device, x.dtype)
     stats, enc_cache = forward(enc_layers, x)
     mu, logvar_raw = stats[:, :latent], stats[:, latent:]
     logvar = logvar_raw.clamp(LOGVAR_MIN, LOGVAR_MAX)

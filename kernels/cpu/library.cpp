@@ -1,7 +1,8 @@
 // The schemas of the native CPU ops, all in one place. The kernels (TORCH_LIBRARY_IMPL for CPU) live in
 // reparam_kl.cpp, gan_losses.cpp, linear_act.cpp and image_head.cpp, one file per op with its math, bytes
-// moved and autograd formula, and routed_step.cpp runs the training step over them; the fake (meta) implementations are registered from Python, in
-// vaegan_fast/ops/_native.py. Load with torch.ops.load_library(path) after importing torch.
+// moved and autograd formula, and routed_step.cpp runs the training step over them; the fake (meta)
+// implementations are registered from Python, in vaegan_fast/ops/_native.py. Load with
+// torch.ops.load_library(path) after importing torch.
 #include <torch/library.h>
 
 TORCH_LIBRARY(vaegan_fast_native, m) {

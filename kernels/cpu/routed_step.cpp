@@ -132,7 +132,8 @@ std::vector<at::Tensor> routed_step(
   const bool with_pixel = pixel_weight > 0;
   const at::Tensor pixel = image_head_forward(logits, x, images, with_pixel).to(dtype);
   const at::Tensor scores = dis.forward(dis_input).reshape({3 * B});
-  const at::Tensor s_real = scores.narrow(0, 0, B), s_prior = scores.narrow(0, B, B), s_rec = scores.narrow(0, 2 * B, B);
+  const at::Tensor s_real = scores.narrow(0, 0, B), s_prior = scores.narrow(0, B, B);
+  const at::Tensor s_rec = scores.narrow(0, 2 * B, B);
   const at::Tensor& features = dis.inputs[feature_layer + 1];
   const at::Tensor f_real = features.narrow(0, 0, B), f_rec = features.narrow(0, 2 * B, B);
 
