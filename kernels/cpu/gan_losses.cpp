@@ -1,4 +1,5 @@
-// The GAN losses on the CPU: loss and gradient in one pass; backward only scales the stored gradient.
+// The GAN losses on the CPU: loss and gradient in one pass; backward only scales the stored gradient
+// (feature_recon: forms it again from the features, which autograd keeps anyway).
 //
 //   softplus_losses   loss = sum_k c_k / n_k * sum_i softplus(t_i),   t = s_k * x_k[i]
 //                     softplus(t) = max(t, 0) + log1p(exp(-|t|))       (stable at any |t|)
@@ -7,15 +8,18 @@
 //     discriminator_loss(r, f..) = signs (-1, +1, ...), coeffs 1;  generator_loss: signs -1 (non-saturating)
 //     or +1 with coeffs -1 (saturating).
 //   feature_recon     loss = 0.5 / N * sum (a - b)^2 with N = a.size(0);  d loss / d a = (a - b) / N = -d/d b
-//   scale_grad        g * stored (and -g * stored): the backward of both, one pass.
+//   feature_recon_backward   d a = g / N * (a - b),  d b = -d a: one pass over a and b
+//   scale_grad        g * stored (and -g * stored): softplus_losses' backward, one pass.
 //
 // Bytes moved, n elements of size e: softplus_losses reads x (n e) and writes the gradient (n e) when
-// autograd needs it (under no_grad only the loss: n e). feature_recon reads a and b (2 n e) and writes the
-// gradient (n e). scale_grad reads n e and writes n e (2 n e for both signs). Eager PyTorch: ~8 passes
-// forward, ~10 backward.
+// autograd needs it (under no_grad only the loss: n e); scale_grad reads n e and writes n e (2 n e for both
+// signs). feature_recon reads a and b (2 n e), and writes the gradient (n e) only for the training step's
+// primitive (need_grad); under autograd it writes nothing and its backward reads a and b (2 n e) and writes
+// d a and d b (2 n e): the same 6 n e as storing the gradient, but one allocation fewer and nothing kept for
+// backward beyond the inputs. Eager PyTorch: ~8 passes forward, ~10 backward.
 //
-// Sums: fixed tasks of kTask elements, a partial sum per task (16 lanes inside, fp32; fp64 for double
-// inputs), partials added in task order in double: the same result with any thread count.
+// Sums: fixed tasks of kTask elements, a partial sum per task (fp32 lanes; fp64 for double inputs), lanes and
+// partials added in a fixed order in double: the same result with any thread count.
 #include "common.h"
 
 #include <ATen/ops/sigmoid.h>
@@ -53,50 +57,75 @@ void softplus_kernel(const T* x, T* grad, int64_t n, acc_t<T> sign, acc_t<T> gsc
   });
 }
 
+// Per task: the sum of (a - b)^2 into partials[task]; grad = (a - b) * inv_rows where grad != nullptr.
 template <typename T>
 void feature_recon_kernel(const T* a, const T* b, T* grad, int64_t n, acc_t<T> inv_rows, double* partials) {
-  using A = acc_t<T>;
+  using C = Chunk<T>;
+  using V = typename C::V;
   for_tasks(ceil_div(n, kTask), [&](int64_t task) {
-    const A scale = inv_rows;  // a local: see common.h on captured scalars
-    A ba[kBlock], bb[kBlock], d[kBlock], bg[kBlock];
-    const int64_t i1 = std::min(n, (task + 1) * kTask);
-    double acc = 0;
-    for (int64_t i0 = task * kTask; i0 < i1; i0 += kBlock) {
-      const int64_t m = std::min(kBlock, i1 - i0);
-      const A* va = load(a + i0, ba, m);
-      const A* vb = load(b + i0, bb, m);
-      A* g = grad ? out_ptr(grad + i0, bg) : bg;
-      for (int64_t i = 0; i < m; ++i) {
-        const A diff = va[i] - vb[i];
-        d[i] = diff * diff;
-        g[i] = diff * scale;
+    const V scale(inv_rows);  // locals: see for_tasks on captured variables
+    T* const g = grad;
+    V acc[C::kVecs];
+    for (auto& v : acc) v = V(0);
+    for_chunks<T>(task * kTask, std::min(n, (task + 1) * kTask), [&](int64_t i, int64_t m) {
+      C ca, cb;
+      ca.load(a + i, m);
+      cb.load(b + i, m);
+      for (int k = 0; k < C::kVecs; ++k) {
+        ca.v[k] = ca.v[k] - cb.v[k];
+        acc[k] = at::vec::fmadd(ca.v[k], ca.v[k], acc[k]);
       }
-      if (grad) finish(g, grad + i0, m);
-      acc += lane_sum(d, m);
-    }
-    partials[task] = acc;
+      if (g) {
+        for (int k = 0; k < C::kVecs; ++k) ca.v[k] = ca.v[k] * scale;
+        ca.store(g + i, m);
+      }
+    });
+    partials[task] = ordered_lanes(acc);
   });
 }
 
+// da = scale * (a - b) and db = -da, each where its pointer is not null: feature_recon's backward.
+template <typename T>
+void feature_recon_backward_kernel(const T* a, const T* b, T* da, T* db, int64_t n, acc_t<T> scale) {
+  using C = Chunk<T>;
+  using V = typename C::V;
+  for_tasks(ceil_div(n, kTask), [&](int64_t task) {
+    const V s(scale);  // locals: see for_tasks on captured variables
+    T* const pa = da;
+    T* const pb = db;
+    for_chunks<T>(task * kTask, std::min(n, (task + 1) * kTask), [&](int64_t i, int64_t m) {
+      C ca, cb;
+      ca.load(a + i, m);
+      cb.load(b + i, m);
+      for (int k = 0; k < C::kVecs; ++k) ca.v[k] = (ca.v[k] - cb.v[k]) * s;
+      if (pa) ca.store(pa + i, m);
+      if (pb) {
+        for (int k = 0; k < C::kVecs; ++k) ca.v[k] = ca.v[k].neg();
+        ca.store(pb + i, m);
+      }
+    });
+  });
+}
+
+// out = g * stored, neg = -(g * stored) where neg != nullptr.
 template <typename T>
 void scale_kernel(const T* stored, T* out, T* neg, int64_t n, acc_t<T> g) {
-  using A = acc_t<T>;
+  using C = Chunk<T>;
+  using V = typename C::V;
   for_tasks(ceil_div(n, kTask), [&](int64_t task) {
-    const A gl = g;  // a local: see common.h on captured scalars
-    A bs[kBlock], bo[kBlock], bn[kBlock];
-    const int64_t i1 = std::min(n, (task + 1) * kTask);
-    for (int64_t i0 = task * kTask; i0 < i1; i0 += kBlock) {
-      const int64_t m = std::min(kBlock, i1 - i0);
-      const A* s = load(stored + i0, bs, m);
-      A* o = out_ptr(out + i0, bo);
-      for (int64_t i = 0; i < m; ++i) o[i] = gl * s[i];
-      if (neg) {
-        A* q = out_ptr(neg + i0, bn);
-        for (int64_t i = 0; i < m; ++i) q[i] = -(gl * s[i]);
-        finish(q, neg + i0, m);
+    const V gv(g);  // locals: see for_tasks on captured variables
+    T* const o = out;
+    T* const q = neg;
+    for_chunks<T>(task * kTask, std::min(n, (task + 1) * kTask), [&](int64_t i, int64_t m) {
+      C c;
+      c.load(stored + i, m);
+      for (int k = 0; k < C::kVecs; ++k) c.v[k] = gv * c.v[k];
+      c.store(o + i, m);
+      if (q) {
+        for (int k = 0; k < C::kVecs; ++k) c.v[k] = c.v[k].neg();
+        c.store(q + i, m);
       }
-      finish(o, out + i0, m);
-    }
+    });
   });
 }
 
@@ -159,6 +188,30 @@ std::tuple<at::Tensor, at::Tensor> feature_recon_loss(const at::Tensor& a_, cons
   return {at::scalar_tensor(loss, a.options()), grad};
 }
 
+std::tuple<at::Tensor, at::Tensor> feature_recon_loss_backward(const at::Tensor& a_, const at::Tensor& b_,
+                                                               const at::Tensor& grad,
+                                                               std::array<bool, 2> output_mask) {
+  check_dtype(a_, "feature_recon_loss_backward", "features_real");
+  check_dtype(b_, "feature_recon_loss_backward", "features_fake");
+  TORCH_CHECK(a_.sizes() == b_.sizes() && a_.scalar_type() == b_.scalar_type(),
+              "vaegan_fast native feature_recon_loss_backward: features must share one shape and dtype");
+  TORCH_CHECK(a_.dim() >= 1 && a_.size(0) > 0, "vaegan_fast native feature_recon_loss_backward: empty batch");
+  TORCH_CHECK(grad.numel() == 1, "vaegan_fast native feature_recon_loss_backward: grad must be a scalar");
+  auto a = a_.contiguous(), b = b_.contiguous();
+  // an output not asked for is an empty tensor (the schema's rule), allocated only then
+  at::Tensor da = at::empty(output_mask[0] ? a_.sizes() : at::IntArrayRef{0}, a.options());
+  at::Tensor db = at::empty(output_mask[1] ? a_.sizes() : at::IntArrayRef{0}, a.options());
+  const double scale = grad.item<double>() / double(a.size(0));
+  VFN_DISPATCH(a.scalar_type(), "feature_recon_loss_backward", [&] {
+    using A = acc_t<scalar_t>;
+    feature_recon_backward_kernel<scalar_t>(
+        a.const_data_ptr<scalar_t>(), b.const_data_ptr<scalar_t>(),
+        output_mask[0] ? da.mutable_data_ptr<scalar_t>() : nullptr,
+        output_mask[1] ? db.mutable_data_ptr<scalar_t>() : nullptr, a.numel(), A(scale));
+  });
+  return {da, db};
+}
+
 std::tuple<at::Tensor, at::Tensor> scale_grad(const at::Tensor& stored_, const at::Tensor& grad,
                                               bool want_negated) {
   check_dtype(stored_, "scale_grad", "stored");
@@ -181,6 +234,7 @@ using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
 at::Tensor scale(const at::Tensor& stored, const at::Tensor& g) {
+  at::AutoDispatchBelowADInplaceOrView guard;  // common.h: calling an op from an autograd formula
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("vaegan_fast_native::scale_grad", "")
                        .typed<decltype(scale_grad)>();
@@ -242,10 +296,9 @@ class FeatureReconFunction : public torch::autograd::Function<FeatureReconFuncti
                          .findSchemaOrThrow("vaegan_fast_native::feature_recon_loss", "")
                          .typed<decltype(feature_recon_loss)>();
     auto [loss, grad] = op.call(a, b, need_grad);
-    ctx->save_for_backward({a, b, grad});
+    ctx->save_for_backward({a, b});  // the backward forms the gradient again from them (header)
     ctx->mark_non_differentiable({grad});
-    ctx->set_materialize_grads(false);  // else autograd allocates zeros shaped like the stored gradient
-    ctx->saved_data["need_grad"] = need_grad;
+    ctx->set_materialize_grads(false);  // else autograd allocates zeros shaped like the returned gradient
     return {loss, grad};
   }
 
@@ -254,14 +307,15 @@ class FeatureReconFunction : public torch::autograd::Function<FeatureReconFuncti
     const bool need_a = ctx->needs_input_grad(0), need_b = ctx->needs_input_grad(1);
     const at::Tensor& g = grads[0];
     if (!g.defined()) return {at::Tensor(), at::Tensor(), at::Tensor()};  // the loss is unused
-    if (at::GradMode::is_enabled() || !ctx->saved_data["need_grad"].toBool()) {
+    if (at::GradMode::is_enabled()) {  // create_graph=True: differentiable ATen ops
       auto da = g * (saved[0] - saved[1]) / double(saved[0].size(0));
       return {need_a ? da : at::Tensor(), need_b ? -da : at::Tensor(), at::Tensor()};
     }
+    at::AutoDispatchBelowADInplaceOrView guard;  // common.h: calling an op from an autograd formula
     static auto op = c10::Dispatcher::singleton()
-                         .findSchemaOrThrow("vaegan_fast_native::scale_grad", "")
-                         .typed<decltype(scale_grad)>();
-    auto [da, db] = op.call(saved[2], g, need_b);
+                         .findSchemaOrThrow("vaegan_fast_native::feature_recon_loss_backward", "")
+                         .typed<decltype(feature_recon_loss_backward)>();
+    auto [da, db] = op.call(saved[0], saved[1], g, {need_a, need_b});
     return {need_a ? da : at::Tensor(), need_b ? db : at::Tensor(), at::Tensor()};
   }
 };
@@ -281,6 +335,7 @@ TORCH_LIBRARY_IMPL(vaegan_fast_native, Autograd, m) {
 TORCH_LIBRARY_IMPL(vaegan_fast_native, CPU, m) {
   m.impl("softplus_losses", &softplus_losses);
   m.impl("feature_recon_loss", &feature_recon_loss);
+  m.impl("feature_recon_loss_backward", &feature_recon_loss_backward);
   m.impl("scale_grad", &scale_grad);
 }
 

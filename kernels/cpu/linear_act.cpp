@@ -423,6 +423,7 @@ class LinearActFunction : public torch::autograd::Function<LinearActFunction> {
         }
       return out;
     }
+    at::AutoDispatchBelowADInplaceOrView guard;  // common.h: calling an op from an autograd formula
     static auto op = c10::Dispatcher::singleton()
                          .findSchemaOrThrow("vaegan_fast_native::linear_act_backward", "")
                          .typed<decltype(linear_act_backward)>();

@@ -24,29 +24,33 @@ namespace {
 
 template <typename T>
 void reparam_forward_kernel(const T* mu, const T* lv, const T* eps, T* z, T* kl, int64_t B, int64_t D) {
+  using C = Chunk<T>;
+  using V = typename C::V;
   using A = acc_t<T>;
   const int64_t rows_per_task = std::max<int64_t>(1, kTask / D);
   for_tasks(ceil_div(B, rows_per_task), [&](int64_t task) {
-    A bm[kBlock], bl[kBlock], be[kBlock], bz[kBlock], s[kBlock], w[kBlock];
-    const int64_t r1 = std::min(B, (task + 1) * rows_per_task);
+    // Locals, not captures: see for_tasks.
+    const int64_t cols = D, r1 = std::min(B, (task + 1) * rows_per_task);
+    T* const zo = z;
+    T* const ko = kl;
+    const V half(A(0.5)), one(A(1));
     for (int64_t r = task * rows_per_task; r < r1; ++r) {
-      A acc = 0;
-      for (int64_t j0 = 0; j0 < D; j0 += kBlock) {
-        const int64_t n = std::min(kBlock, D - j0), off = r * D + j0;
-        const A* m = load(mu + off, bm, n);
-        const A* l = load(lv + off, bl, n);
-        const A* e = load(eps + off, be, n);
-        for (int64_t i = 0; i < n; ++i) w[i] = A(0.5) * l[i];
-        vexp(w, s, n);
-        A* zo = out_ptr(z + off, bz);
-        for (int64_t i = 0; i < n; ++i) {
-          zo[i] = m[i] + s[i] * e[i];
-          w[i] = m[i] * m[i] + s[i] * s[i] - l[i] - A(1);
+      V acc[C::kVecs];
+      for (auto& v : acc) v = V(0);
+      // Past the row's end a partial chunk reads mu = logvar = 0: s = 1 and a KL term of exactly 0.
+      for_chunks<T>(r * cols, (r + 1) * cols, [&](int64_t i, int64_t m) {
+        C cm, cl, ce;
+        cm.load(mu + i, m);
+        cl.load(lv + i, m);
+        ce.load(eps + i, m);
+        for (int k = 0; k < C::kVecs; ++k) {
+          const V s = (half * cl.v[k]).exp();
+          acc[k] = acc[k] + (cm.v[k] * cm.v[k] + s * s - cl.v[k] - one);
+          cm.v[k] = cm.v[k] + s * ce.v[k];
         }
-        finish(zo, z + off, n);
-        acc += lane_sum(w, n);
-      }
-      kl[r] = static_cast<T>(A(0.5) * acc);
+        cm.store(zo + i, m);
+      });
+      ko[r] = static_cast<T>(A(0.5) * static_cast<A>(ordered_lanes(acc)));
     }
   });
 }
@@ -54,45 +58,45 @@ void reparam_forward_kernel(const T* mu, const T* lv, const T* eps, T* z, T* kl,
 template <typename T>
 void reparam_backward_kernel(const T* mu, const T* lv, const T* eps, const T* dz, const T* dkl, T* dmu,
                              T* dlv, T* deps, int64_t B, int64_t D) {
+  using C = Chunk<T>;
+  using V = typename C::V;
   using A = acc_t<T>;
   const int64_t rows_per_task = std::max<int64_t>(1, kTask / D);
   for_tasks(ceil_div(B, rows_per_task), [&](int64_t task) {
-    A bm[kBlock], bl[kBlock], be[kBlock], bdz[kBlock], s[kBlock], w[kBlock], o1[kBlock], o2[kBlock],
-        o3[kBlock];
-    const int64_t r1 = std::min(B, (task + 1) * rows_per_task);
+    // Locals, not captures: see for_tasks.
+    const int64_t cols = D, r1 = std::min(B, (task + 1) * rows_per_task);
+    T* const gmu = dmu;
+    T* const glv = dlv;
+    T* const geps = deps;
+    const V half(A(0.5)), one(A(1));
     for (int64_t r = task * rows_per_task; r < r1; ++r) {
-      const A k = dkl ? static_cast<A>(dkl[r]) : A(0);
-      const A hk = A(0.5) * k;
-      for (int64_t j0 = 0; j0 < D; j0 += kBlock) {
-        const int64_t n = std::min(kBlock, D - j0), off = r * D + j0;
-        const A* m = load(mu + off, bm, n);
-        const A* l = load(lv + off, bl, n);
-        for (int64_t i = 0; i < n; ++i) w[i] = A(0.5) * l[i];
-        vexp(w, s, n);
-        A* gm = out_ptr(dmu + off, o1);
-        A* gl = out_ptr(dlv + off, o2);
+      const V k(dkl ? static_cast<A>(dkl[r]) : A(0));
+      const V hk = half * k;
+      for_chunks<T>(r * cols, (r + 1) * cols, [&](int64_t i, int64_t m) {
+        C cm, cl, ce, cg;
+        cm.load(mu + i, m);
+        cl.load(lv + i, m);
         if (dz) {
-          const A* e = load(eps + off, be, n);
-          const A* g = load(dz + off, bdz, n);
-          for (int64_t i = 0; i < n; ++i) {
-            gm[i] = g[i] + k * m[i];
-            gl[i] = A(0.5) * g[i] * s[i] * e[i] + hk * (s[i] * s[i] - A(1));
-          }
-          if (deps) {
-            A* ge = out_ptr(deps + off, o3);
-            for (int64_t i = 0; i < n; ++i) ge[i] = g[i] * s[i];
-            finish(ge, deps + off, n);
-          }
-        } else {
-          for (int64_t i = 0; i < n; ++i) {
-            gm[i] = k * m[i];
-            gl[i] = hk * (s[i] * s[i] - A(1));
-          }
-          if (deps) std::fill(deps + off, deps + off + n, T(0));
+          ce.load(eps + i, m);
+          cg.load(dz + i, m);
         }
-        finish(gm, dmu + off, n);
-        finish(gl, dlv + off, n);
-      }
+        for (int k_ = 0; k_ < C::kVecs; ++k_) {
+          const V s = (half * cl.v[k_]).exp();
+          const V kl_term = hk * (s * s - one);
+          if (dz) {
+            cl.v[k_] = half * cg.v[k_] * s * ce.v[k_] + kl_term;  // d logvar
+            cm.v[k_] = cg.v[k_] + k * cm.v[k_];                  // d mu
+            ce.v[k_] = cg.v[k_] * s;                             // d eps
+          } else {
+            cl.v[k_] = kl_term;
+            cm.v[k_] = k * cm.v[k_];
+            ce.v[k_] = V(0);
+          }
+        }
+        cm.store(gmu + i, m);
+        cl.store(glv + i, m);
+        if (geps) ce.store(geps + i, m);
+      });
     }
   });
 }
@@ -186,6 +190,7 @@ class ReparamKlFunction : public torch::autograd::Function<ReparamKlFunction> {
       return {dz + k * mu, 0.5 * dz * std_ * eps + 0.5 * k * (at::exp(logvar) - 1.0),
               need_eps ? dz * std_ : at::Tensor()};
     }
+    at::AutoDispatchBelowADInplaceOrView guard;  // common.h: calling an op from an autograd formula
     static auto op = c10::Dispatcher::singleton()
                          .findSchemaOrThrow("vaegan_fast_native::reparam_kl_backward", "")
                          .typed<decltype(reparam_kl_backward)>();

@@ -97,9 +97,7 @@ def _(mu, logvar, eps, grad_z, grad_kl, need_grad_eps):
 
 @_dispatch.register("reparam_kl", "native")
 def reparam_kl_native(mu: Tensor, logvar: Tensor, eps: Tensor):
-    mu, logvar, eps = upcast_under_autocast(mu, logvar, eps)
-    _check_dtypes(mu=mu, logvar=logvar, eps=eps)
-    return _call(_ops.reparam_kl, mu, logvar, eps)
+    return _autocast_call(upcast_under_autocast, _ops.reparam_kl, (mu, logvar, eps))
 
 
 # =========================================================================================================
@@ -115,9 +113,28 @@ def _(a, b, need_grad):
     return a.new_empty(()), a.new_empty(a.shape if need_grad else (0,))
 
 
+@torch.library.register_fake("vaegan_fast_native::feature_recon_loss_backward")
+def _(a, b, grad, output_mask):
+    return tuple(a.new_empty(a.shape if need else (0,)) for need in output_mask)
+
+
 @torch.library.register_fake("vaegan_fast_native::scale_grad")
 def _(stored, grad, want_negated):
     return stored.new_empty(stored.shape), stored.new_empty(stored.shape if want_negated else (0,))
+
+
+def _autocast_call(cast, op, tensors: tuple, *rest):
+    """``op(*tensors, *rest)`` for the public ops. Under CPU autocast the tensors first go through ``cast``
+    (upcast_under_autocast for the losses and reparam+KL, cast_under_autocast for linear_act) and the op runs
+    with autocast off, so that the kernels' own ATen calls (BLAS products) are not recast behind their back.
+    Outside autocast, the common case, there is nothing but the call: on a small tensor each context, cast or
+    check had been a visible share of the op. The dtypes need no check here: resolve() passed only those this
+    backend takes, and the C++ ops check them again, naming the argument."""
+    if torch.is_autocast_enabled("cpu"):
+        tensors = cast(*tensors)
+        with torch.autocast("cpu", enabled=False):
+            return op(*tensors, *rest)
+    return op(*tensors, *rest)
 
 
 def _call(op, *args):
@@ -143,9 +160,9 @@ def _need_grad(*tensors) -> bool:
 
 
 def _softplus_losses(xs, signs, coeffs) -> Tensor:
-    xs = list(upcast_under_autocast(*xs))
-    _check_dtypes(**{f"logits[{i}]": x for i, x in enumerate(xs)})
-    return _call(_ops.softplus_losses, xs, signs, coeffs, _need_grad(*xs))[0]
+    if torch.is_autocast_enabled("cpu"):
+        xs = upcast_under_autocast(*xs)
+    return _call(_ops.softplus_losses, list(xs), signs, coeffs, _need_grad(*xs))[0]
 
 
 @_dispatch.register("discriminator_loss", "native")
@@ -164,9 +181,9 @@ def generator_loss_native(fake_logits: tuple, saturating: bool) -> Tensor:
 
 @_dispatch.register("feature_recon_loss", "native")
 def feature_recon_loss_native(features_real: Tensor, features_fake: Tensor) -> Tensor:
-    a, b = upcast_under_autocast(features_real, features_fake)
-    _check_dtypes(features_real=a, features_fake=b)
-    return _call(_ops.feature_recon_loss, a, b, _need_grad(a, b))[0]
+    # need_grad=False: the backward forms the gradient from the features (kernels/cpu/gan_losses.cpp)
+    return _autocast_call(upcast_under_autocast, _ops.feature_recon_loss, (features_real, features_fake),
+                          False)[0]
 
 
 # =========================================================================================================
@@ -196,9 +213,9 @@ _ACTIVATION_INDEX = {name: i for i, name in enumerate(ACTIVATIONS)}
 @_dispatch.register("linear_act", "native")
 def linear_act_native(x: Tensor, weight: Tensor, bias: Optional[Tensor], activation: str,
                       negative_slope: float) -> Tensor:
-    x, weight, bias = cast_under_autocast(x, weight, bias)  # like F.linear under autocast
-    _check_dtypes(x=x, weight=weight, bias=bias)
-    return _call(_ops.linear_act, x, weight, bias, _ACTIVATION_INDEX[activation], float(negative_slope))[0]
+    # under autocast, in the autocast dtype like F.linear
+    return _autocast_call(cast_under_autocast, _ops.linear_act, (x, weight, bias), _ACTIVATION_INDEX[activation],
+                          float(negative_slope))[0]
 
 
 # =========================================================================================================

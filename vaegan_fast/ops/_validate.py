@@ -10,6 +10,21 @@ import torch
 from ._autocast import autocast_dtype
 
 
+def uniform(*tensors) -> bool:
+    """Whether every tensor (None skipped after the first) is a floating-point torch.Tensor with the first's
+    dtype and device: the common case, decided in a few attribute reads. The ops run their named checks
+    below only when this is False, so that the error still says which argument is wrong and how (on a small
+    tensor the named checks had cost as much as the fused op itself)."""
+    first = tensors[0]
+    if not isinstance(first, torch.Tensor) or not first.is_floating_point():
+        return False
+    dtype, device = first.dtype, first.device
+    for t in tensors[1:]:
+        if t is not None and not (isinstance(t, torch.Tensor) and t.dtype is dtype and t.device == device):
+            return False
+    return True
+
+
 def floating_tensor(name: str, value) -> torch.Tensor:
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")

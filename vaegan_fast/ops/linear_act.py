@@ -64,10 +64,12 @@ def linear_act(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
     e.g. "triton") multiply fp32 inputs with TF32 tensor cores; off by default, so fp32 results match eager
     fp32 with TF32 off. Other backends follow torch's global TF32 setting.
     """
-    _validate.floating_tensor("x", x)
-    _validate.floating_tensor("weight", weight)
-    if bias is not None:
-        _validate.floating_tensor("bias", bias)
+    uniform = _validate.uniform(x, weight, bias)
+    if not uniform:
+        _validate.floating_tensor("x", x)
+        _validate.floating_tensor("weight", weight)
+        if bias is not None:
+            _validate.floating_tensor("bias", bias)
     check_activation(activation, negative_slope)
     if x.dim() == 0:
         raise ValueError("x must have at least one dimension [..., in_features], got a 0-dim tensor")
@@ -80,8 +82,10 @@ def linear_act(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
         raise ValueError(f"bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
     if x.numel() == 0 or weight.numel() == 0:
         raise ValueError(f"x and weight must not be empty, got shapes {tuple(x.shape)} and {tuple(weight.shape)}")
-    device = _validate.same_device(x=x, weight=weight, bias=bias)
-    _validate.same_dtype(x=x, weight=weight, bias=bias)
+    device = x.device
+    if not uniform:
+        _validate.same_device(x=x, weight=weight, bias=bias)
+        _validate.same_dtype(x=x, weight=weight, bias=bias)
     if not isinstance(allow_tf32, bool):
         raise TypeError(f"allow_tf32 must be a bool, got {type(allow_tf32).__name__}")
     _, impl = _dispatch.resolve(OP, backend, device, cast_dtype(x.dtype, device))
