@@ -123,8 +123,10 @@ def test_losses_under_no_grad_compute_only_the_loss():
         assert torch.allclose(loss, ops.discriminator_loss(x, x, backend="reference"), rtol=1e-6)
     out = NATIVE.softplus_losses([x], [1.0], [1.0], False)
     assert out[1].numel() == 0
-    loss, grad = NATIVE.feature_recon_loss(x, x + 1, False)
-    assert grad.numel() == 0 and loss.item() == pytest.approx(1.5)
+    assert NATIVE.feature_recon_loss(x, x + 1).item() == pytest.approx(1.5)  # the loss alone: no gradient pass
+    loss, grad = NATIVE.feature_recon_terms(x, x + 1)  # the step's primitive: the loss and its gradient
+    assert loss.item() == pytest.approx(1.5)
+    torch.testing.assert_close(grad, torch.full_like(x, -1 / 100))
 
 
 def test_only_some_inputs_need_grad():
@@ -274,7 +276,11 @@ def _opcheck_cases():
         ("softplus_losses", ([torch.randn(4, 1, requires_grad=True), torch.randn(3)], [-1.0, 1.0], [1.0, 1.0],
                              True)),
         ("softplus_losses", ([torch.randn(4)], [1.0], [-1.0], False)),
-        ("feature_recon_loss", (torch.randn(3, 5, requires_grad=True), torch.randn(3, 5), True)),
+        ("feature_recon_loss", (torch.randn(3, 5, requires_grad=True), torch.randn(3, 5))),
+        ("feature_recon_loss", (torch.randn(2, 3, 4, requires_grad=True), torch.randn(2, 3, 4, requires_grad=True))),
+        ("feature_recon_loss_backward", (torch.randn(3, 5), torch.randn(3, 5), g, [True, True])),
+        ("feature_recon_loss_backward", (torch.randn(3, 5), torch.randn(3, 5), g, [False, True])),
+        ("feature_recon_terms", (torch.randn(3, 5), torch.randn(3, 5))),
         ("scale_grad", (torch.randn(3, 5), g, True)),
     ]
     for i, (act, slope) in enumerate(ACTS):

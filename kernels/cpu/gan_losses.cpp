@@ -7,16 +7,16 @@
 //                     sigmoid(t) = (t >= 0 ? 1 : e) / (1 + e) with e = exp(-|t|) (the exp is shared)
 //     discriminator_loss(r, f..) = signs (-1, +1, ...), coeffs 1;  generator_loss: signs -1 (non-saturating)
 //     or +1 with coeffs -1 (saturating).
-//   feature_recon     loss = 0.5 / N * sum (a - b)^2 with N = a.size(0);  d loss / d a = (a - b) / N = -d/d b
-//   feature_recon_backward   d a = g / N * (a - b),  d b = -d a: one pass over a and b
+//   feature_recon_loss   loss = 0.5 / N * sum (a - b)^2 with N = a.size(0);  d loss / d a = (a - b) / N = -d/d b
+//   feature_recon_loss_backward   d a = g / N * (a - b),  d b = -d a: one pass over a and b
+//   feature_recon_terms  (loss, d loss / d a) in one pass: the training step's primitive
 //   scale_grad        g * stored (and -g * stored): softplus_losses' backward, one pass.
 //
 // Bytes moved, n elements of size e: softplus_losses reads x (n e) and writes the gradient (n e) when
 // autograd needs it (under no_grad only the loss: n e); scale_grad reads n e and writes n e (2 n e for both
-// signs). feature_recon reads a and b (2 n e), and writes the gradient (n e) only for the training step's
-// primitive (need_grad); under autograd it writes nothing and its backward reads a and b (2 n e) and writes
-// d a and d b (2 n e): the same 6 n e as storing the gradient, but one allocation fewer and nothing kept for
-// backward beyond the inputs. Eager PyTorch: ~8 passes forward, ~10 backward.
+// signs). feature_recon_loss reads a and b (2 n e) and writes only the loss; its backward reads a and b (2 n e)
+// and writes d a and d b (2 n e): the same 6 n e as storing the gradient in the forward, but one allocation
+// fewer and nothing kept for backward beyond the inputs. feature_recon_terms reads 2 n e and writes n e. Eager PyTorch: ~8 passes forward, ~10 backward.
 //
 // Sums: fixed tasks of kTask elements, a partial sum per task (fp32 lanes; fp64 for double inputs), lanes and
 // partials added in a fixed order in double: the same result with any thread count.
@@ -166,8 +166,7 @@ std::vector<at::Tensor> softplus_losses(at::TensorList xs, at::ArrayRef<double> 
   return out;
 }
 
-std::tuple<at::Tensor, at::Tensor> feature_recon_loss(const at::Tensor& a_, const at::Tensor& b_,
-                                                      bool need_grad) {
+std::tuple<at::Tensor, at::Tensor> feature_recon(const at::Tensor& a_, const at::Tensor& b_, bool need_grad) {
   check_dtype(a_, "feature_recon_loss", "features_real");
   check_dtype(b_, "feature_recon_loss", "features_fake");
   TORCH_CHECK(a_.sizes() == b_.sizes() && a_.scalar_type() == b_.scalar_type(),
@@ -176,7 +175,7 @@ std::tuple<at::Tensor, at::Tensor> feature_recon_loss(const at::Tensor& a_, cons
               "vaegan_fast native feature_recon_loss: features must have a non-empty batch");
   auto a = a_.contiguous(), b = b_.contiguous();
   const int64_t n = a.numel(), rows = a.size(0);
-  at::Tensor grad = need_grad ? at::empty(a_.sizes(), a.options()) : at::empty({0}, a.options());
+  at::Tensor grad = need_grad ? at::empty(a_.sizes(), a.options()) : at::Tensor();
   std::vector<double> partials(ceil_div(n, kTask), 0.0);
   VFN_DISPATCH(a.scalar_type(), "feature_recon_loss", [&] {
     using A = acc_t<scalar_t>;
@@ -186,6 +185,14 @@ std::tuple<at::Tensor, at::Tensor> feature_recon_loss(const at::Tensor& a_, cons
   });
   const double loss = 0.5 * ordered_sum(partials) / double(rows);
   return {at::scalar_tensor(loss, a.options()), grad};
+}
+
+at::Tensor feature_recon_loss(const at::Tensor& a, const at::Tensor& b) {
+  return std::get<0>(feature_recon(a, b, false));
+}
+
+std::tuple<at::Tensor, at::Tensor> feature_recon_terms(const at::Tensor& a, const at::Tensor& b) {
+  return feature_recon(a, b, true);
 }
 
 std::tuple<at::Tensor, at::Tensor> feature_recon_loss_backward(const at::Tensor& a_, const at::Tensor& b_,
@@ -290,40 +297,34 @@ std::vector<at::Tensor> softplus_losses_autograd(at::TensorList xs, at::ArrayRef
 
 class FeatureReconFunction : public torch::autograd::Function<FeatureReconFunction> {
  public:
-  static variable_list forward(AutogradContext* ctx, const at::Tensor& a, const at::Tensor& b, bool need_grad) {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& a, const at::Tensor& b) {
     at::AutoDispatchBelowADInplaceOrView guard;
     static auto op = c10::Dispatcher::singleton()
                          .findSchemaOrThrow("vaegan_fast_native::feature_recon_loss", "")
                          .typed<decltype(feature_recon_loss)>();
-    auto [loss, grad] = op.call(a, b, need_grad);
     ctx->save_for_backward({a, b});  // the backward forms the gradient again from them (header)
-    ctx->mark_non_differentiable({grad});
-    ctx->set_materialize_grads(false);  // else autograd allocates zeros shaped like the returned gradient
-    return {loss, grad};
+    return op.call(a, b);
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     auto saved = ctx->get_saved_variables();
     const bool need_a = ctx->needs_input_grad(0), need_b = ctx->needs_input_grad(1);
     const at::Tensor& g = grads[0];
-    if (!g.defined()) return {at::Tensor(), at::Tensor(), at::Tensor()};  // the loss is unused
     if (at::GradMode::is_enabled()) {  // create_graph=True: differentiable ATen ops
       auto da = g * (saved[0] - saved[1]) / double(saved[0].size(0));
-      return {need_a ? da : at::Tensor(), need_b ? -da : at::Tensor(), at::Tensor()};
+      return {need_a ? da : at::Tensor(), need_b ? -da : at::Tensor()};
     }
     at::AutoDispatchBelowADInplaceOrView guard;  // common.h: calling an op from an autograd formula
     static auto op = c10::Dispatcher::singleton()
                          .findSchemaOrThrow("vaegan_fast_native::feature_recon_loss_backward", "")
                          .typed<decltype(feature_recon_loss_backward)>();
     auto [da, db] = op.call(saved[0], saved[1], g, {need_a, need_b});
-    return {need_a ? da : at::Tensor(), need_b ? db : at::Tensor(), at::Tensor()};
+    return {need_a ? da : at::Tensor(), need_b ? db : at::Tensor()};
   }
 };
 
-std::tuple<at::Tensor, at::Tensor> feature_recon_loss_autograd(const at::Tensor& a, const at::Tensor& b,
-                                                               bool need_grad) {
-  auto out = FeatureReconFunction::apply(a, b, need_grad);
-  return {out[0], out[1]};
+at::Tensor feature_recon_loss_autograd(const at::Tensor& a, const at::Tensor& b) {
+  return FeatureReconFunction::apply(a, b);
 }
 }  // namespace
 
@@ -335,6 +336,7 @@ TORCH_LIBRARY_IMPL(vaegan_fast_native, Autograd, m) {
 TORCH_LIBRARY_IMPL(vaegan_fast_native, CPU, m) {
   m.impl("softplus_losses", &softplus_losses);
   m.impl("feature_recon_loss", &feature_recon_loss);
+  m.impl("feature_recon_terms", &feature_recon_terms);
   m.impl("feature_recon_loss_backward", &feature_recon_loss_backward);
   m.impl("scale_grad", &scale_grad);
 }

@@ -14,12 +14,12 @@ TORCH_LIBRARY(vaegan_fast_native, m) {
   // [loss, d loss/d xs[0], ...] with loss = sum_k coeffs[k] * mean softplus(signs[k] * xs[k]); the grads are
   // empty tensors when need_grad is false.
   m.def("softplus_losses(Tensor[] xs, float[] signs, float[] coeffs, bool need_grad) -> Tensor[]");
-  // (loss, (a - b) / N): loss = 0.5 * sum (a - b)^2 / N with N = a.size(0); the gradient is empty unless
-  // need_grad.
-  m.def("feature_recon_loss(Tensor a, Tensor b, bool need_grad) -> (Tensor, Tensor)");
-  // (grad * (a - b) / N, its negation): feature_recon_loss's backward; an entry whose output_mask is false
-  // comes back as an empty tensor.
+  // loss = 0.5 * sum (a - b)^2 / N with N = a.size(0), differentiable; its backward:
+  // (grad * (a - b) / N, its negation), an entry whose output_mask is false coming back as an empty tensor.
+  m.def("feature_recon_loss(Tensor a, Tensor b) -> Tensor");
   m.def("feature_recon_loss_backward(Tensor a, Tensor b, Tensor grad, bool[2] output_mask) -> (Tensor, Tensor)");
+  // (loss, (a - b) / N) in one pass: the training step's primitive (not differentiable).
+  m.def("feature_recon_terms(Tensor a, Tensor b) -> (Tensor, Tensor)");
   // grad * stored, and its negation when want_negated (else empty): the losses' backward in one pass.
   m.def("scale_grad(Tensor stored, Tensor grad, bool want_negated) -> (Tensor, Tensor)");
   // (y, saved) = act(x @ weight.T + bias); saved is the pre-activation when the derivative cannot be formed

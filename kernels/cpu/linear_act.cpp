@@ -48,147 +48,138 @@ struct GeluConst {
   static constexpr A k1 = A(0.044715);
 };
 
-// y = act(w) over one block; u is scratch.
-template <typename A>
-inline void activate(int64_t act, A slope, const A* w, A* y, A* u, int64_t n) {
-  switch (act) {
-    case kIdentity:
-      for (int64_t i = 0; i < n; ++i) y[i] = w[i];
-      break;
-    case kRelu:
-      for (int64_t i = 0; i < n; ++i) y[i] = std::max(w[i], A(0));
-      break;
-    case kLeaky:
-      for (int64_t i = 0; i < n; ++i) y[i] = std::max(w[i], A(0)) + slope * std::min(w[i], A(0));
-      break;
-    case kTanh:
-      vtanh(w, y, n);
-      break;
-    case kSigmoid:
-      for (int64_t i = 0; i < n; ++i) u[i] = -w[i];
-      vexp(u, u, n);
-      for (int64_t i = 0; i < n; ++i) y[i] = A(1) / (A(1) + u[i]);
-      break;
-    case kGelu: {
-      constexpr A k0 = GeluConst<A>::k0, k1 = GeluConst<A>::k1;
-      for (int64_t i = 0; i < n; ++i) u[i] = k0 * (w[i] + k1 * w[i] * w[i] * w[i]);
-      vtanh(u, u, n);
-      for (int64_t i = 0; i < n; ++i) y[i] = A(0.5) * w[i] * (A(1) + u[i]);
-      break;
-    }
+// act(w) for one vector of pre-activations; slope is leaky_relu's negative slope.
+template <int64_t Act, typename V>
+inline V activate(const V& w, const V& slope) {
+  using A = typename V::value_type;
+  const V zero(A(0)), one(A(1));
+  if constexpr (Act == kIdentity) {
+    return w;
+  } else if constexpr (Act == kRelu) {
+    return at::vec::maximum(w, zero);
+  } else if constexpr (Act == kLeaky) {
+    return at::vec::maximum(w, zero) + slope * at::vec::minimum(w, zero);
+  } else if constexpr (Act == kTanh) {
+    return w.tanh();
+  } else if constexpr (Act == kSigmoid) {
+    return one / (one + w.neg().exp());
+  } else {  // gelu, tanh form
+    const V k0(GeluConst<A>::k0), k1(GeluConst<A>::k1);
+    return V(A(0.5)) * w * (one + (k0 * (w + k1 * w * w * w)).tanh());
   }
 }
 
-// ga = g * act'(s) over one block, s being y or the pre-activation (see the header); u is scratch.
-template <typename A>
-inline void derivative(int64_t act, A slope, const A* g, const A* s, A* ga, A* u, int64_t n) {
+// g * act'(.) for one vector, s being y or the pre-activation (see the header).
+template <int64_t Act, typename V>
+inline V derivative(const V& g, const V& s, const V& slope) {
+  using A = typename V::value_type;
+  const V zero(A(0)), one(A(1));
+  if constexpr (Act == kIdentity) {
+    return g;
+  } else if constexpr (Act == kRelu) {
+    return V::blendv(zero, g, s > zero);
+  } else if constexpr (Act == kLeaky) {
+    return V::blendv(slope * g, g, s > zero);
+  } else if constexpr (Act == kTanh) {
+    return g * (one - s * s);
+  } else if constexpr (Act == kSigmoid) {
+    return g * ((one - s) * s);
+  } else {  // gelu, tanh form
+    const V k0(GeluConst<A>::k0), k1(GeluConst<A>::k1), half(A(0.5));
+    const V th = (k0 * (s + k1 * s * s * s)).tanh();
+    const V left = half * (one + th);
+    const V right = half * s * (one - th * th) * k0 * (one + V(A(3)) * k1 * s * s);
+    return g * (left + right);
+  }
+}
+
+// f(std::integral_constant<int64_t, act>): the kernels below with the activation fixed at compile time, so
+// that no per-row or per-element switch runs.
+template <typename F>
+void with_activation(int64_t act, const F& f) {
   switch (act) {
-    case kIdentity:
-      for (int64_t i = 0; i < n; ++i) ga[i] = g[i];
-      break;
-    case kRelu:
-      for (int64_t i = 0; i < n; ++i) ga[i] = s[i] > A(0) ? g[i] : A(0);
-      break;
-    case kLeaky:
-      for (int64_t i = 0; i < n; ++i) ga[i] = s[i] > A(0) ? g[i] : slope * g[i];
-      break;
-    case kTanh:
-      for (int64_t i = 0; i < n; ++i) ga[i] = g[i] * (A(1) - s[i] * s[i]);
-      break;
-    case kSigmoid:
-      for (int64_t i = 0; i < n; ++i) ga[i] = g[i] * ((A(1) - s[i]) * s[i]);
-      break;
-    case kGelu: {
-      constexpr A k0 = GeluConst<A>::k0, k1 = GeluConst<A>::k1;
-      for (int64_t i = 0; i < n; ++i) u[i] = k0 * (s[i] + k1 * s[i] * s[i] * s[i]);
-      vtanh(u, u, n);
-      for (int64_t i = 0; i < n; ++i) {
-        const A x = s[i], th = u[i];
-        const A left_d = A(0.5) * (A(1) + th);
-        const A right_d = A(0.5) * x * (A(1) - th * th) * k0 * (A(1) + A(3) * k1 * x * x);
-        ga[i] = g[i] * (left_d + right_d);
-      }
-      break;
-    }
+    case kIdentity: return f(std::integral_constant<int64_t, kIdentity>{});
+    case kRelu: return f(std::integral_constant<int64_t, kRelu>{});
+    case kLeaky: return f(std::integral_constant<int64_t, kLeaky>{});
+    case kTanh: return f(std::integral_constant<int64_t, kTanh>{});
+    case kSigmoid: return f(std::integral_constant<int64_t, kSigmoid>{});
+    default: return f(std::integral_constant<int64_t, kGelu>{});
   }
 }
 
 // In place over a [M, N]: a <- act(a + bias), or (keep_pre) y <- act(a + bias) and a <- a + bias.
-template <typename T>
-void epilogue_kernel(T* a, T* y, const acc_t<T>* bias, int64_t M, int64_t N, int64_t act, acc_t<T> slope,
-                     bool keep_pre) {
+// Rows go in register chunks (common.h): with N of 32 to 128 a block loop per row had cost more in its
+// set-up than in its arithmetic.
+template <int64_t Act, typename T>
+void epilogue_kernel(T* a, T* y, const acc_t<T>* bias, int64_t M, int64_t N, acc_t<T> slope, bool keep_pre) {
   using A = acc_t<T>;
+  using C = Chunk<T>;
+  using V = typename C::V;
   const int64_t rows_per_task = std::max<int64_t>(1, kTask / N);
   for_tasks(ceil_div(M, rows_per_task), [&](int64_t task) {
-    // Locals, not captures: see common.h on captured scalars (else every loop below runs scalar).
+    // Locals, not captures: see for_tasks on captured variables.
     T* const a_ = a;
     T* const y_ = y;
     const A* const bias_ = bias;
-    const int64_t rows = M, cols = N, act_ = act;
-    const A slope_ = slope;
-    const bool keep_pre_ = keep_pre;
-    A bv[kBlock], w[kBlock], u[kBlock], by[kBlock];
-    const int64_t r1 = std::min(rows, (task + 1) * rows_per_task);
+    const int64_t cols = N, r1 = std::min(M, (task + 1) * rows_per_task);
+    const V slope_(slope);
+    const bool keep = keep_pre && bias_ != nullptr;  // without a bias, a already is the pre-activation
     for (int64_t r = task * rows_per_task; r < r1; ++r) {
-      for (int64_t j0 = 0; j0 < cols; j0 += kBlock) {
-        const int64_t n = std::min(kBlock, cols - j0), off = r * cols + j0;
-        const A* v = load(a_ + off, bv, n);
+      T* const arow = a_ + r * cols;
+      T* const yrow = y_ + r * cols;
+      for_chunks<T>(0, cols, [&](int64_t j, int64_t m) {
+        C c;
+        c.load(arow + j, m);
         if (bias_) {
-          const A* bj = bias_ + j0;
-          for (int64_t i = 0; i < n; ++i) w[i] = v[i] + bj[i];
-        } else {
-          for (int64_t i = 0; i < n; ++i) w[i] = v[i];
+          Chunk<A> cb;
+          cb.load(bias_ + j, m);
+          for (int k = 0; k < C::kVecs; ++k) c.v[k] = c.v[k] + cb.v[k];
+          if (keep) c.store(arow + j, m);
         }
-        A* yo = out_ptr(y_ + off, by);
-        activate(act_, slope_, w, yo, u, n);
-        finish(yo, y_ + off, n);
-        if (keep_pre_ && bias_) {
-          A* ao = out_ptr(a_ + off, bv);
-          for (int64_t i = 0; i < n; ++i) ao[i] = w[i];
-          finish(ao, a_ + off, n);
-        }
-      }
+        for (int k = 0; k < C::kVecs; ++k) c.v[k] = activate<Act>(c.v[k], slope_);
+        c.store(yrow + j, m);
+      });
     }
   });
 }
 
-// ga = grad_y * act'(saved); column sums of ga into bias_grad (when not null).
-template <typename T>
+// ga = grad_y * act'(saved) (none for the identity: ga is grad_y); column sums of ga into bias_grad (when not
+// null), per row-task in fp32 (fp64 for double) and the tasks added in order.
+template <int64_t Act, typename T>
 void backward_kernel(const T* gy, const T* saved, T* ga, acc_t<T>* bias_grad, int64_t M, int64_t N,
-                     int64_t act, acc_t<T> slope) {
+                     acc_t<T> slope) {
   using A = acc_t<T>;
+  using C = Chunk<T>;
+  using V = typename C::V;
   const int64_t rows_per_task = std::max<int64_t>(1, kTask / N);
   const int64_t ntasks = ceil_div(M, rows_per_task);
   std::vector<A> partials(bias_grad ? ntasks * N : 0, A(0));
   for_tasks(ntasks, [&](int64_t task) {
-    // Locals, not captures: see common.h on captured scalars.
+    // Locals, not captures: see for_tasks on captured variables.
     const T* const gy_ = gy;
     const T* const saved_ = saved;
     T* const ga_ = ga;
-    const int64_t rows = M, cols = N, act_ = act;
-    const A slope_ = slope;
-    A bg[kBlock], bs[kBlock], bo[kBlock], u[kBlock];
-    A* col = bias_grad ? partials.data() + task * cols : nullptr;
-    const int64_t r1 = std::min(rows, (task + 1) * rows_per_task);
+    const int64_t cols = N, r1 = std::min(M, (task + 1) * rows_per_task);
+    const V slope_(slope);
+    A* const col = bias_grad ? partials.data() + task * cols : nullptr;
     for (int64_t r = task * rows_per_task; r < r1; ++r) {
-      for (int64_t j0 = 0; j0 < cols; j0 += kBlock) {
-        const int64_t n = std::min(kBlock, cols - j0), off = r * cols + j0;
-        const A* g = load(gy_ + off, bg, n);
-        const A* o;
-        if (ga_) {
-          const A* s = saved_ ? load(saved_ + off, bs, n) : nullptr;
-          A* out = out_ptr(ga_ + off, bo);
-          derivative(act_, slope_, g, s, out, u, n);
-          finish(out, ga_ + off, n);
-          o = out;
-        } else {
-          o = g;  // identity: ga is grad_y itself
+      const int64_t off = r * cols;
+      for_chunks<T>(0, cols, [&](int64_t j, int64_t m) {
+        C g;
+        g.load(gy_ + off + j, m);
+        if constexpr (Act != kIdentity) {
+          C s;
+          s.load(saved_ + off + j, m);
+          for (int k = 0; k < C::kVecs; ++k) g.v[k] = derivative<Act>(g.v[k], s.v[k], slope_);
+          g.store(ga_ + off + j, m);
         }
         if (col) {
-          A* c = col + j0;
-          for (int64_t i = 0; i < n; ++i) c[i] += o[i];
+          Chunk<A> c;
+          c.load(col + j, m);
+          for (int k = 0; k < C::kVecs; ++k) c.v[k] = c.v[k] + g.v[k];
+          c.store(col + j, m);
         }
-      }
+      });
     }
   });
   if (bias_grad) {
@@ -249,8 +240,11 @@ std::tuple<at::Tensor, at::Tensor> linear_act(const at::Tensor& x, const at::Ten
         auto b = bias_->to(c10::CppTypeToScalarType<A>::value).contiguous();
         bias_acc.assign(b.const_data_ptr<A>(), b.const_data_ptr<A>() + N);
       }
-      epilogue_kernel<scalar_t>(a.mutable_data_ptr<scalar_t>(), y.mutable_data_ptr<scalar_t>(),
-                                add_bias ? bias_acc.data() : nullptr, M, N, act, A(slope), keep_pre);
+      with_activation(act, [&](auto activation) {
+        epilogue_kernel<decltype(activation)::value, scalar_t>(
+            a.mutable_data_ptr<scalar_t>(), y.mutable_data_ptr<scalar_t>(), add_bias ? bias_acc.data() : nullptr,
+            M, N, A(slope), keep_pre);
+      });
     });
   }
   return {y, keep_pre ? a : at::empty({0}, a.options())};
@@ -276,10 +270,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_act_backward(
     VFN_DISPATCH(x.scalar_type(), "linear_act_backward", [&] {
       using A = acc_t<scalar_t>;
       std::vector<A> bg(mask[2] ? N : 0);
-      backward_kernel<scalar_t>(gy.const_data_ptr<scalar_t>(),
-                                saved.defined() ? saved.const_data_ptr<scalar_t>() : nullptr,
-                                act != kIdentity ? ga.mutable_data_ptr<scalar_t>() : nullptr,
-                                mask[2] ? bg.data() : nullptr, M, N, act, A(slope));
+      with_activation(act, [&](auto activation) {
+        backward_kernel<decltype(activation)::value, scalar_t>(
+            gy.const_data_ptr<scalar_t>(), saved.defined() ? saved.const_data_ptr<scalar_t>() : nullptr,
+            act != kIdentity ? ga.mutable_data_ptr<scalar_t>() : nullptr, mask[2] ? bg.data() : nullptr, M, N,
+            A(slope));
+      });
       if (mask[2]) {
         bias_grad = at::empty({N}, x.options());
         scalar_t* p = bias_grad.mutable_data_ptr<scalar_t>();

@@ -21,7 +21,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> reparam_kl_backward(
 // gan_losses.cpp
 std::vector<at::Tensor> softplus_losses(at::TensorList xs, at::ArrayRef<double> signs, at::ArrayRef<double> coeffs,
                                         bool need_grad);
-std::tuple<at::Tensor, at::Tensor> feature_recon_loss(const at::Tensor& a, const at::Tensor& b, bool need_grad);
+// (loss, (a - b) / N); the gradient is an undefined tensor unless need_grad
+std::tuple<at::Tensor, at::Tensor> feature_recon(const at::Tensor& a, const at::Tensor& b, bool need_grad);
 
 // linear_act.cpp
 std::vector<at::Tensor> dense_chain_forward(const at::Tensor& x, at::TensorList weights,

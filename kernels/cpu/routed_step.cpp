@@ -138,7 +138,7 @@ std::vector<at::Tensor> routed_step(
   const at::Tensor f_real = features.narrow(0, 0, B), f_rec = features.narrow(0, 2 * B, B);
 
   // ---- losses, each with its input gradients from the same pass
-  auto [llike, grad_real] = feature_recon_loss(f_real, f_rec, true);
+  auto [llike, grad_real] = feature_recon(f_real, f_rec, true);
   const at::Tensor d_llike = grad_real.neg_();  // d llike / d f_rec
   const int64_t fakes_end = recon_as_fake ? 3 * B : 2 * B;
   std::vector<at::Tensor> fakes = {s_prior};

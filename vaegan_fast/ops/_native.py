@@ -55,11 +55,14 @@ load_library()
 
 
 class _Ops:
-    """The library's ops as OpOverloads: calling ``.default`` directly skips the overload packet's Python
-    dispatch (a few microseconds a call, which is most of the cost of an op on a small tensor)."""
+    """The library's ops as the C++ callables behind their OpOverloads: calling those directly skips the
+    overload packet's Python dispatch and the OpOverload's own Python frame (microseconds a call, which is
+    most of the cost of an op on a small tensor). ``_op`` is torch's attribute for that callable (torch 2.0
+    to 2.13 at least); without it the OpOverload itself is used."""
 
     def __getattr__(self, name):
-        op = getattr(torch.ops.vaegan_fast_native, name).default
+        overload = getattr(torch.ops.vaegan_fast_native, name).default
+        op = getattr(overload, "_op", overload)
         setattr(self, name, op)
         return op
 
@@ -97,7 +100,9 @@ def _(mu, logvar, eps, grad_z, grad_kl, need_grad_eps):
 
 @_dispatch.register("reparam_kl", "native")
 def reparam_kl_native(mu: Tensor, logvar: Tensor, eps: Tensor):
-    return _autocast_call(upcast_under_autocast, _ops.reparam_kl, (mu, logvar, eps))
+    if torch.is_autocast_enabled("cpu"):
+        return _autocast_call(upcast_under_autocast, _ops.reparam_kl, (mu, logvar, eps))
+    return _ops.reparam_kl(mu, logvar, eps)
 
 
 # =========================================================================================================
@@ -109,8 +114,13 @@ def _(xs, signs, coeffs, need_grad):
 
 
 @torch.library.register_fake("vaegan_fast_native::feature_recon_loss")
-def _(a, b, need_grad):
-    return a.new_empty(()), a.new_empty(a.shape if need_grad else (0,))
+def _(a, b):
+    return a.new_empty(())
+
+
+@torch.library.register_fake("vaegan_fast_native::feature_recon_terms")
+def _(a, b):
+    return a.new_empty(()), a.new_empty(a.shape)
 
 
 @torch.library.register_fake("vaegan_fast_native::feature_recon_loss_backward")
@@ -124,17 +134,16 @@ def _(stored, grad, want_negated):
 
 
 def _autocast_call(cast, op, tensors: tuple, *rest):
-    """``op(*tensors, *rest)`` for the public ops. Under CPU autocast the tensors first go through ``cast``
+    """``op(*tensors, *rest)`` for the public ops under CPU autocast: the tensors first go through ``cast``
     (upcast_under_autocast for the losses and reparam+KL, cast_under_autocast for linear_act) and the op runs
     with autocast off, so that the kernels' own ATen calls (BLAS products) are not recast behind their back.
-    Outside autocast, the common case, there is nothing but the call: on a small tensor each context, cast or
-    check had been a visible share of the op. The dtypes need no check here: resolve() passed only those this
-    backend takes, and the C++ ops check them again, naming the argument."""
-    if torch.is_autocast_enabled("cpu"):
-        tensors = cast(*tensors)
-        with torch.autocast("cpu", enabled=False):
-            return op(*tensors, *rest)
-    return op(*tensors, *rest)
+    Outside autocast, the common case, the public ops' implementations below call the op and nothing else: on
+    a small tensor each context, cast, check or Python frame had been a visible share of the op. The dtypes
+    need no check there: resolve() passed only those this backend takes, and the C++ ops check them again,
+    naming the argument."""
+    tensors = cast(*tensors)
+    with torch.autocast("cpu", enabled=False):
+        return op(*tensors, *rest)
 
 
 def _call(op, *args):
@@ -181,9 +190,9 @@ def generator_loss_native(fake_logits: tuple, saturating: bool) -> Tensor:
 
 @_dispatch.register("feature_recon_loss", "native")
 def feature_recon_loss_native(features_real: Tensor, features_fake: Tensor) -> Tensor:
-    # need_grad=False: the backward forms the gradient from the features (kernels/cpu/gan_losses.cpp)
-    return _autocast_call(upcast_under_autocast, _ops.feature_recon_loss, (features_real, features_fake),
-                          False)[0]
+    if torch.is_autocast_enabled("cpu"):
+        return _autocast_call(upcast_under_autocast, _ops.feature_recon_loss, (features_real, features_fake))
+    return _ops.feature_recon_loss(features_real, features_fake)
 
 
 # =========================================================================================================
@@ -213,9 +222,10 @@ _ACTIVATION_INDEX = {name: i for i, name in enumerate(ACTIVATIONS)}
 @_dispatch.register("linear_act", "native")
 def linear_act_native(x: Tensor, weight: Tensor, bias: Optional[Tensor], activation: str,
                       negative_slope: float) -> Tensor:
-    # under autocast, in the autocast dtype like F.linear
-    return _autocast_call(cast_under_autocast, _ops.linear_act, (x, weight, bias), _ACTIVATION_INDEX[activation],
-                          float(negative_slope))[0]
+    if torch.is_autocast_enabled("cpu"):  # in the autocast dtype, like F.linear
+        return _autocast_call(cast_under_autocast, _ops.linear_act, (x, weight, bias),
+                              _ACTIVATION_INDEX[activation], float(negative_slope))[0]
+    return _ops.linear_act(x, weight, bias, _ACTIVATION_INDEX[activation], float(negative_slope))[0]
 
 
 # =========================================================================================================
@@ -303,7 +313,7 @@ def softplus_terms_native(xs: list, signs: list, coeffs: list):
 @_dispatch.register("feature_recon_terms", "native")
 def feature_recon_terms_native(features_real: Tensor, features_fake: Tensor):
     _check_dtypes(features_real=features_real, features_fake=features_fake)
-    return tuple(_untracked(_ops.feature_recon_loss, features_real, features_fake, True))
+    return tuple(_untracked(_ops.feature_recon_terms, features_real, features_fake))
 
 
 @_dispatch.register("reparam_kl_forward", "native")

@@ -5,24 +5,26 @@ TypeError for a wrong type or a non-floating dtype, ValueError for shapes, devic
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from ._autocast import autocast_dtype
 
 
-def uniform(*tensors) -> bool:
-    """Whether every tensor (None skipped after the first) is a floating-point torch.Tensor with the first's
-    dtype and device: the common case, decided in a few attribute reads. The ops run their named checks
-    below only when this is False, so that the error still says which argument is wrong and how (on a small
-    tensor the named checks had cost as much as the fused op itself)."""
+def uniform_device(*tensors) -> Optional[torch.device]:
+    """The device of the tensors when every one (None skipped after the first) is a floating-point
+    torch.Tensor with the first's dtype and device, else None: the common case, decided in a few attribute
+    reads. The ops run their named checks below only when this is None, so that the error still says which
+    argument is wrong and how (on a small tensor the named checks had cost as much as the fused op itself)."""
     first = tensors[0]
     if not isinstance(first, torch.Tensor) or not first.is_floating_point():
-        return False
+        return None
     dtype, device = first.dtype, first.device
     for t in tensors[1:]:
         if t is not None and not (isinstance(t, torch.Tensor) and t.dtype is dtype and t.device == device):
-            return False
-    return True
+            return None
+    return device
 
 
 def floating_tensor(name: str, value) -> torch.Tensor:

@@ -49,17 +49,16 @@ def feature_recon_loss_reference(features_real: torch.Tensor, features_fake: tor
 
 
 def _check_logits(names_and_tensors) -> torch.device:
-    uniform = _validate.uniform(*(t for _, t in names_and_tensors))
+    device = _validate.uniform_device(*(t for _, t in names_and_tensors))
     for name, t in names_and_tensors:
-        if not uniform:
+        if device is None:
             _validate.floating_tensor(name, t)
         if t.numel() == 0:
             raise ValueError(f"{name} must not be empty, got shape {tuple(t.shape)}")
-    if uniform:
-        return names_and_tensors[0][1].device
-    tensors = dict(names_and_tensors)
-    device = _validate.same_device(**tensors)
-    _validate.same_dtype(**tensors)
+    if device is None:
+        tensors = dict(names_and_tensors)
+        device = _validate.same_device(**tensors)
+        _validate.same_dtype(**tensors)
     return device
 
 
@@ -86,17 +85,16 @@ def generator_loss(*fake_logits: torch.Tensor, saturating: bool = False, backend
 
 def feature_recon_loss(features_real: torch.Tensor, features_fake: torch.Tensor, *, backend: str = "auto"):
     """``0.5 * sum over features of (real - fake)^2``, averaged over the batch: a 0-dim tensor."""
-    uniform = _validate.uniform(features_real, features_fake)
-    if not uniform:
+    device = _validate.uniform_device(features_real, features_fake)
+    if device is None:
         _validate.floating_tensor("features_real", features_real)
         _validate.floating_tensor("features_fake", features_fake)
     if features_real.shape != features_fake.shape:
         raise ValueError(f"features_fake must have the shape of features_real {tuple(features_real.shape)}, "
                          f"got {tuple(features_fake.shape)}")
     _validate.nonempty_batch("features_real", features_real)
-    device = features_real.device
-    if not uniform:
-        _validate.same_device(features_real=features_real, features_fake=features_fake)
+    if device is None:
+        device = _validate.same_device(features_real=features_real, features_fake=features_fake)
         _validate.same_dtype(features_real=features_real, features_fake=features_fake)
     _, impl = _dispatch.resolve(FEATURE_RECON_OP, backend, device, upcast_dtype(features_real.dtype, device))
     return impl(features_real, features_fake)

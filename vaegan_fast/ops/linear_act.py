@@ -64,8 +64,8 @@ def linear_act(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
     e.g. "triton") multiply fp32 inputs with TF32 tensor cores; off by default, so fp32 results match eager
     fp32 with TF32 off. Other backends follow torch's global TF32 setting.
     """
-    uniform = _validate.uniform(x, weight, bias)
-    if not uniform:
+    device = _validate.uniform_device(x, weight, bias)
+    if device is None:
         _validate.floating_tensor("x", x)
         _validate.floating_tensor("weight", weight)
         if bias is not None:
@@ -82,9 +82,8 @@ def linear_act(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
         raise ValueError(f"bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
     if x.numel() == 0 or weight.numel() == 0:
         raise ValueError(f"x and weight must not be empty, got shapes {tuple(x.shape)} and {tuple(weight.shape)}")
-    device = x.device
-    if not uniform:
-        _validate.same_device(x=x, weight=weight, bias=bias)
+    if device is None:
+        device = _validate.same_device(x=x, weight=weight, bias=bias)
         _validate.same_dtype(x=x, weight=weight, bias=bias)
     if not isinstance(allow_tf32, bool):
         raise TypeError(f"allow_tf32 must be a bool, got {type(allow_tf32).__name__}")

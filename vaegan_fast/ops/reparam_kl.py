@@ -38,15 +38,15 @@ def reparam_kl(mu: torch.Tensor, logvar: torch.Tensor, eps: Optional[torch.Tenso
     implementation has ``draws_eps_from_seed = True``, e.g. "triton") does so from this seed, never writing
     eps to memory; same seed, same z. Other backends draw eps from a torch.Generator seeded with it.
     """
-    uniform = _validate.uniform(mu, logvar, eps)
-    if not uniform:
+    device = _validate.uniform_device(mu, logvar, eps)
+    if device is None:
         _validate.floating_tensor("mu", mu)
         _validate.floating_tensor("logvar", logvar)
     _validate.matrix("mu", mu)
     if logvar.shape != mu.shape:
         raise ValueError(f"logvar must have the shape of mu {tuple(mu.shape)}, got {tuple(logvar.shape)}")
     if eps is not None:
-        if not uniform:
+        if device is None:
             _validate.floating_tensor("eps", eps)
         if eps.shape != mu.shape:
             raise ValueError(f"eps must have the shape of mu {tuple(mu.shape)}, got {tuple(eps.shape)}")
@@ -55,9 +55,8 @@ def reparam_kl(mu: torch.Tensor, logvar: torch.Tensor, eps: Optional[torch.Tenso
             raise ValueError("seed draws eps itself: pass either seed or eps/generator, not both")
         if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**31:
             raise ValueError(f"seed must be an int in [0, 2**31), got {seed!r}")
-    device = mu.device
-    if not uniform:
-        _validate.same_device(mu=mu, logvar=logvar, eps=eps)
+    if device is None:
+        device = _validate.same_device(mu=mu, logvar=logvar, eps=eps)
         _validate.same_dtype(mu=mu, logvar=logvar, eps=eps)
     _, impl = _dispatch.resolve(OP, backend, device, upcast_dtype(mu.dtype, device))
     if seed is not None:
