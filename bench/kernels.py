@@ -5,6 +5,12 @@ Providers: "eager" (the reference op, plain PyTorch), "compile" (torch.compile o
 gradients are checked against an fp64 reference by the project's tolerance rule before it is timed; one that
 disagrees is reported as wrong and not timed.
 
+Each op also has a "bound" provider, timed in the same turns but not checked (it computes another function):
+the cheapest autograd graph that does the work no implementation of the op can skip. For linear_act that is
+F.linear alone (the three products, the bias and autograd, no activation); for the losses and reparam_kl one
+sum per differentiable input (autograd.grad's own cost on this graph). eager / bound is then the largest
+ratio any fused op could reach against eager at that size.
+
 "Forward" is a training forward (inputs require grad, so autograd records what backward needs);
 "backward" is the gradient of all outputs with respect to all differentiable inputs, given fixed random
 upstream gradients; "both" is the two in one call.
@@ -19,6 +25,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 
 from vaegan_fast import ops
 from vaegan_fast.ops.gan_losses import (discriminator_loss_reference, feature_recon_loss_reference,
@@ -41,6 +48,16 @@ class Case:
     reference: Callable  # (args: dict) -> tuple of outputs, the raw reference function (what compile gets)
     elements_moved: dict  # mode -> number of elements the op must read + write
     flops: dict  # mode -> floating-point operations
+    bound: Callable = None  # (args: dict) -> outputs: the "bound" provider (module docstring); None: a sum per input
+
+    def bound_outputs(self, args: dict) -> tuple:
+        if self.bound is not None:
+            return self.bound(args)
+        total = None
+        for name in self.diff:
+            part = args[name].sum()
+            total = part if total is None else total + part
+        return (total,)
 
 
 def reparam_case(b: int, d: int) -> Case:
@@ -64,7 +81,8 @@ def linear_case(m: int, k: int, n: int) -> Case:
                 {"forward": m * k + n * k + n + m * n,
                  "backward": 2 * m * n + m * k + n * k + m * k + n * k + n,
                  "both": m * k + n * k + n + m * n + m * n + m * k + n * k + n},
-                {"forward": gemm, "backward": 2 * gemm, "both": 3 * gemm})
+                {"forward": gemm, "backward": 2 * gemm, "both": 3 * gemm},
+                bound=lambda a: (F.linear(a["x"], a["weight"], a["bias"]),))
 
 
 def discriminator_case(n: int) -> Case:

@@ -27,6 +27,7 @@ from vaegan_fast import ops  # noqa: E402
 from vaegan_fast.step import step_flops  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
+BOUND = "bound"  # the kernel benchmark's yardstick provider: see bench/kernels.py
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 PRESETS = ("seed", "wide")
 
@@ -73,6 +74,8 @@ def bench_kernels(args, device, gpu, full, budget, dtypes, peaks):
                 if name == "compile":
                     compile_s = time.perf_counter() - t0
             good = {n: f for n, f in providers.items() if status[n] == "ok"}
+            providers[BOUND] = good[BOUND] = case.bound_outputs
+            status[BOUND] = "bound"  # not checked: it computes another function (bench/kernels.py)
             args_by_provider = {n: kernels.make_args(case, device, dtype) for n in good}
             for mode in kernels.MODES:
                 pairs = {n: kernels.timed_pair(f, case, args_by_provider[n], mode) for n, f in good.items()}
@@ -191,7 +194,7 @@ def kernel_cells(r):
             _fmt(100 * r["bandwidth_share"], ".0f") if r.get("bandwidth_share") is not None else "-",
             _fmt(r.get("vs_eager"), ".2f") + "x" if r.get("vs_eager") else "-",
             _fmt(r.get("vs_compile"), ".2f") + "x" if r.get("vs_compile") else "-",
-            "ok" if r["status"] == "ok" else "WRONG"]
+            r["status"] if r["status"] in ("ok", "bound") else "WRONG"]
 
 
 def e2e_cells(r):
@@ -218,7 +221,7 @@ def _print_table(header, rows):
 def print_kernel_rows(rows):
     _print_table(KERNEL_HEADER, [kernel_cells(r) for r in rows])
     for r in rows:
-        if r["status"] != "ok":
+        if r["status"] not in ("ok", "bound"):
             print(f"  {r['provider']} is WRONG on {r['op']} {r['size']} {r['dtype']}: {r['status']}")
 
 
@@ -323,7 +326,7 @@ def main(argv=None):
     if args.plot:
         written += plot(result, json_path.with_suffix(""))
     print(f"took {result['duration_s']:.0f} s; wrote {', '.join(written)}")
-    wrong = [r for r in kernel_rows + e2e_rows if r["status"] != "ok"]
+    wrong = [r for r in kernel_rows + e2e_rows if r["status"] not in ("ok", "bound")]
     return 1 if wrong else 0
 
 

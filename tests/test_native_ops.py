@@ -140,6 +140,19 @@ def test_only_some_inputs_need_grad():
     assert_matches("d b", gb, ((b.detach() - a) / 5).double())
 
 
+def test_feature_recon_keeps_only_its_inputs_for_backward():
+    """The backward forms the gradient again from the features: autograd keeps a and b (which it holds
+    anyway for the layers below) and no gradient-sized tensor of the loss's own."""
+    a, b = torch.randn(37, 11, requires_grad=True), torch.randn(37, 11, requires_grad=True)
+    packed = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: packed.append(t) or t, lambda t: t):
+        loss = ops.feature_recon_loss(a, b, backend="native")
+    assert len(packed) == 2 and all(p is a or p is b for p in packed)
+    ga, gb = torch.autograd.grad(loss, [a, b], torch.tensor(0.5))
+    assert_matches("d a", ga, 0.5 * (a - b).detach().double() / 37)
+    assert torch.equal(gb, -ga)
+
+
 # ------------------------------------------------------------------------------------------------ linear_act
 LINEAR_SHAPES = [(1, 1, 1), (1, 37, 5), (41, 1, 3), (3, 5, 7), (257, 129, 65), (1000, 784, 128)]
 ACTS = [("identity", 0.2), ("relu", 0.2), ("leaky_relu", 0.2), ("leaky_relu", -0.5), ("tanh", 0.2),

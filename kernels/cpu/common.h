@@ -1,11 +1,16 @@
-// Shared pieces of the native CPU kernels (reparam_kl.cpp, gan_losses.cpp, linear_act.cpp).
+// Shared pieces of the native CPU kernels (reparam_kl.cpp, gan_losses.cpp, linear_act.cpp, image_head.cpp).
 //
-// Every kernel works the same way: the tensor is cut into fixed-size tasks (kTask elements, or whole rows
-// adding up to about kTask elements), tasks run in parallel under at::parallel_for, and inside a task the
-// data goes through small fp32 (fp64 for double inputs) scratch blocks of kBlock elements that stay in L1:
-//   load (bf16 -> fp32 conversion; fp32/fp64 inputs are used in place), plain loops over the block (gcc
-//   auto-vectorises them: build with -DVAEGAN_FAST_VEC_REPORT=ON to see -fopt-info-vec), exp/log1p/tanh
-//   through ATen's Vectorized (Sleef, 1-ulp), store (fp32 -> bf16 with round-to-nearest-even).
+// Every kernel cuts the tensor into fixed-size tasks (kTask elements, or whole rows adding up to about kTask
+// elements) that run in parallel under at::parallel_for. Inside a task the data goes one of two ways:
+//   - register chunks (Chunk<T>, for_chunks): 16 values at a time in ATen Vectorized registers of the
+//     accumulation type, bf16 widened on load and rounded to nearest even on store in the registers. The
+//     one-pass kernels (feature_recon, scale_grad, reparam_kl, linear_act's bias/activation and derivative
+//     passes) are written this way;
+//   - scratch blocks of kBlock elements that stay in L1: load (bf16 -> fp32; fp32/fp64 used in place), plain
+//     loops over the block that gcc auto-vectorises (build with -DVAEGAN_FAST_VEC_REPORT=ON to see
+//     -fopt-info-vec), exp/log1p/tanh through ATen's Vectorized (Sleef, 1-ulp), store (fp32 -> bf16, round to
+//     nearest even). The softplus losses and the image head, whose several transcendental steps share a
+//     block, are written this way.
 // Reductions: each task's partial sum goes to its own slot, and the slots are added in task order after the
 // parallel loop. Task boundaries depend only on the shape, never on the thread count, so results are
 // bitwise the same with 1 or N threads.

@@ -9,7 +9,7 @@
 //              decoder on [z_p; z] (2B rows) -> logits; images = sigmoid(logits) written into the
 //              discriminator's input rows [x; x_p; x_rec] (3B) with the pixel BCE term (image_head_forward)
 //              discriminator on the 3B rows -> scores, features at the feature layer
-//   losses     llike (feature_recon_loss), L_D and L_G (softplus_losses), with their input gradients;
+//   losses     llike (feature_recon_terms), L_D and L_G (softplus_losses), with their input gradients;
 //              d_real, d_fake (the gate's statistics), the KL mean, the pixel term
 //   backward   D (weight gradients), G and U (input gradients) through the discriminator; image_head_backward;
 //              Dd (weight gradients) and E (input gradients) through the decoder; the reparameterization's and
