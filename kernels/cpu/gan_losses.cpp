@@ -84,6 +84,17 @@ void feature_recon_kernel(const T* a, const T* b, T* grad, int64_t n, acc_t<T> i
   });
 }
 
+// c into out + i and -c into neg + i, each where its pointer is not null (a gradient and its negation: the
+// two inputs of a difference). c is negated in place.
+template <typename T>
+inline void store_and_negated(Chunk<T>& c, T* out, T* neg, int64_t i, int64_t m) {
+  if (out) c.store(out + i, m);
+  if (neg) {
+    for (int k = 0; k < Chunk<T>::kVecs; ++k) c.v[k] = c.v[k].neg();
+    c.store(neg + i, m);
+  }
+}
+
 // da = scale * (a - b) and db = -da, each where its pointer is not null: feature_recon's backward.
 template <typename T>
 void feature_recon_backward_kernel(const T* a, const T* b, T* da, T* db, int64_t n, acc_t<T> scale) {
@@ -98,11 +109,7 @@ void feature_recon_backward_kernel(const T* a, const T* b, T* da, T* db, int64_t
       ca.load(a + i, m);
       cb.load(b + i, m);
       for (int k = 0; k < C::kVecs; ++k) ca.v[k] = (ca.v[k] - cb.v[k]) * s;
-      if (pa) ca.store(pa + i, m);
-      if (pb) {
-        for (int k = 0; k < C::kVecs; ++k) ca.v[k] = ca.v[k].neg();
-        ca.store(pb + i, m);
-      }
+      store_and_negated(ca, pa, pb, i, m);
     });
   });
 }
@@ -120,11 +127,7 @@ void scale_kernel(const T* stored, T* out, T* neg, int64_t n, acc_t<T> g) {
       C c;
       c.load(stored + i, m);
       for (int k = 0; k < C::kVecs; ++k) c.v[k] = gv * c.v[k];
-      c.store(o + i, m);
-      if (q) {
-        for (int k = 0; k < C::kVecs; ++k) c.v[k] = c.v[k].neg();
-        c.store(q + i, m);
-      }
+      store_and_negated(c, o, q, i, m);
     });
   });
 }
