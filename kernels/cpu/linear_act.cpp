@@ -5,7 +5,7 @@
 //                                                   identity: at::addmm adds the bias inside the GEMM, no pass
 //   backward  ga = grad_y * act'(.)                 one pass; the bias gradient (column sums of ga) is
 //                                                   accumulated in the same pass
-//             grad_x = ga @ weight, grad_weight = ga.T @ x     at::mm
+//             grad_x = ga @ weight, grad_weight = ga.T @ x     at::mm, the two side by side on two threads
 //
 //   act'(.) is formed from y where that is exact: relu (y > 0), leaky_relu with slope > 0 (y > 0 ? 1 : s),
 //   tanh (1 - y^2), sigmoid (y (1 - y)), identity (no pass at all); gelu (tanh form) and leaky_relu with a
