@@ -277,6 +277,34 @@ def test_results_do_not_depend_on_thread_count(threads):
         assert_matches(f"d {name}", g, t)
 
 
+# ------------------------------------------------------------------------------------------------ autocast
+def test_autocast_runs_linear_act_in_low_precision_and_the_rest_in_fp32():
+    """Under CPU autocast (bf16): linear_act casts its inputs to bf16 and returns bf16, as F.linear does; the
+    losses and reparam+KL upcast bf16 inputs and return fp32. Gradients come back in each input's dtype."""
+    x, w, b = _linear_inputs(24, 16, 8, torch.float32)
+    x.requires_grad_(True)
+    lo = torch.randn(8, 5, dtype=torch.bfloat16, requires_grad=True)
+    hi = torch.randn(8, 5, dtype=torch.bfloat16, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = ops.linear_act(x, w, b, "relu", backend="native")
+        eager_y = ops.linear_act(x, w, b, "relu", backend="reference")
+        d = ops.discriminator_loss(lo, hi, backend="native")
+        f = ops.feature_recon_loss(lo, hi, backend="native")
+        z, kl = ops.reparam_kl(lo, hi, eps=hi.detach(), backend="native")
+    assert y.dtype == eager_y.dtype == torch.bfloat16
+    truth_y = ops.linear_act(*(t.bfloat16().double() for t in (x.detach(), w, b)), "relu", backend="reference")
+    assert_matches("y", y, truth_y, eager_y)
+    assert all(t.dtype == torch.float32 for t in (d, f, z, kl))
+    lo64, hi64 = lo.detach().double(), hi.detach().double()
+    assert_matches("discriminator_loss", d, ops.discriminator_loss(lo64, hi64, backend="reference"))
+    assert_matches("feature_recon_loss", f, ops.feature_recon_loss(lo64, hi64, backend="reference"))
+    z64, kl64 = ops.reparam_kl(lo64, hi64, eps=hi64, backend="reference")
+    assert_matches("z", z, z64)
+    assert_matches("kl", kl, kl64)
+    gx, glo = torch.autograd.grad(y.float().sum() + d + f + z.sum() + kl.sum(), [x, lo])
+    assert gx.dtype == torch.float32 and glo.dtype == torch.bfloat16
+
+
 # ------------------------------------------------------------------------------------------------ opcheck
 def _opcheck_cases():
     mu, lv, eps = torch.randn(5, 7), torch.randn(5, 7), torch.randn(5, 7)

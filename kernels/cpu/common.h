@@ -35,6 +35,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <string>
 #include <tuple>
 #include <vector>
 
@@ -204,11 +205,25 @@ inline void for_tasks(int64_t ntasks, const F& f) {
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-// ---- calling an op from an autograd formula ------------------------------------------------------------
-// The backward formulas call their kernels through the dispatcher (so fake tensors reach the fake kernels)
-// under at::AutoDispatchBelowADInplaceOrView: without it the call goes through torch's boxed "autograd not
-// implemented" fallback (the backward ops have no Autograd kernel), which cost about as much as the whole
-// kernel on a small tensor (~20k instructions a call, measured with callgrind).
+// ---- calling the library's ops from their autograd formulas -----------------------------------------
+// The forward and backward formulas call the kernels through the dispatcher (so that fake tensors reach the
+// fake kernels), below autograd: without at::AutoDispatchBelowADInplaceOrView a backward op, which has no
+// Autograd kernel, goes through torch's boxed "autograd not implemented" fallback, which cost about as much
+// as the whole kernel on a small tensor (~20k instructions a call, measured with callgrind).
+//   static const auto op = library_op<decltype(scale_grad)>("scale_grad");   // looked up once per site
+//   auto [out, neg] = call_below_autograd(op, stored, g, false);
+template <typename Fn>
+c10::TypedOperatorHandle<Fn> library_op(const char* name) {
+  return c10::Dispatcher::singleton()
+      .findSchemaOrThrow((std::string("vaegan_fast_native::") + name).c_str(), "")
+      .typed<Fn>();
+}
+
+template <typename Fn, typename... Args>
+auto call_below_autograd(const c10::TypedOperatorHandle<Fn>& op, Args&&... args) {
+  at::AutoDispatchBelowADInplaceOrView guard;
+  return op.call(std::forward<Args>(args)...);
+}
 
 // ---- dtype rules -------------------------------------------------------------------------------------
 inline void check_dtype(const at::Tensor& t, const char* op, const char* name) {

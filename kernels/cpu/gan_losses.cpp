@@ -16,7 +16,8 @@
 // autograd needs it (under no_grad only the loss: n e); scale_grad reads n e and writes n e (2 n e for both
 // signs). feature_recon_loss reads a and b (2 n e) and writes only the loss; its backward reads a and b (2 n e)
 // and writes d a and d b (2 n e): the same 6 n e as storing the gradient in the forward, but one allocation
-// fewer and nothing kept for backward beyond the inputs. feature_recon_terms reads 2 n e and writes n e. Eager PyTorch: ~8 passes forward, ~10 backward.
+// fewer and nothing kept for backward beyond the inputs. feature_recon_terms reads 2 n e and writes n e.
+// Eager PyTorch: ~8 passes forward, ~10 backward.
 //
 // Sums: fixed tasks of kTask elements, a partial sum per task (fp32 lanes; fp64 for double inputs), lanes and
 // partials added in a fixed order in double: the same result with any thread count.
@@ -244,22 +245,16 @@ using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
 at::Tensor scale(const at::Tensor& stored, const at::Tensor& g) {
-  at::AutoDispatchBelowADInplaceOrView guard;  // common.h: calling an op from an autograd formula
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("vaegan_fast_native::scale_grad", "")
-                       .typed<decltype(scale_grad)>();
-  return std::get<0>(op.call(stored, g, false));
+  static const auto op = library_op<decltype(scale_grad)>("scale_grad");
+  return std::get<0>(call_below_autograd(op, stored, g, false));
 }
 
 class SoftplusLossesFunction : public torch::autograd::Function<SoftplusLossesFunction> {
  public:
   static variable_list forward(AutogradContext* ctx, at::TensorList xs, std::vector<double> signs,
                                std::vector<double> coeffs, bool need_grad) {
-    at::AutoDispatchBelowADInplaceOrView guard;
-    static auto op = c10::Dispatcher::singleton()
-                         .findSchemaOrThrow("vaegan_fast_native::softplus_losses", "")
-                         .typed<decltype(softplus_losses)>();
-    auto out = op.call(xs, signs, coeffs, need_grad);
+    static const auto op = library_op<decltype(softplus_losses)>("softplus_losses");
+    auto out = call_below_autograd(op, xs, signs, coeffs, need_grad);
     std::vector<at::Tensor> to_save(xs.begin(), xs.end());
     to_save.insert(to_save.end(), out.begin() + 1, out.end());
     ctx->save_for_backward(to_save);
@@ -301,12 +296,9 @@ std::vector<at::Tensor> softplus_losses_autograd(at::TensorList xs, at::ArrayRef
 class FeatureReconFunction : public torch::autograd::Function<FeatureReconFunction> {
  public:
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& a, const at::Tensor& b) {
-    at::AutoDispatchBelowADInplaceOrView guard;
-    static auto op = c10::Dispatcher::singleton()
-                         .findSchemaOrThrow("vaegan_fast_native::feature_recon_loss", "")
-                         .typed<decltype(feature_recon_loss)>();
+    static const auto op = library_op<decltype(feature_recon_loss)>("feature_recon_loss");
     ctx->save_for_backward({a, b});  // the backward forms the gradient again from them (header)
-    return op.call(a, b);
+    return call_below_autograd(op, a, b);
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
@@ -317,11 +309,8 @@ class FeatureReconFunction : public torch::autograd::Function<FeatureReconFuncti
       auto da = g * (saved[0] - saved[1]) / double(saved[0].size(0));
       return {need_a ? da : at::Tensor(), need_b ? -da : at::Tensor()};
     }
-    at::AutoDispatchBelowADInplaceOrView guard;  // common.h: calling an op from an autograd formula
-    static auto op = c10::Dispatcher::singleton()
-                         .findSchemaOrThrow("vaegan_fast_native::feature_recon_loss_backward", "")
-                         .typed<decltype(feature_recon_loss_backward)>();
-    auto [da, db] = op.call(saved[0], saved[1], g, {need_a, need_b});
+    static const auto op = library_op<decltype(feature_recon_loss_backward)>("feature_recon_loss_backward");
+    auto [da, db] = call_below_autograd(op, saved[0], saved[1], g, std::array<bool, 2>{need_a, need_b});
     return {need_a ? da : at::Tensor(), need_b ? db : at::Tensor()};
   }
 };

@@ -15,14 +15,14 @@
 //     gelu'(a) = 0.5 (1 + th) + 0.5 a (1 - th^2) k0 (1 + 3 k1 a^2),  th = tanh(k0 (a + k1 a^3))
 //
 // Bytes moved besides the GEMMs, M x N outputs of size e: forward reads and writes a once (2 MNe; + MNe when
-// the pre-activation is kept; none for the identity); backward reads grad_y and the saved tensor and writes ga (3 MNe). Eager
-// PyTorch: addmm's bias copy, the activation (2 MNe), and backward's activation derivative (3 MNe) plus a
-// separate bias-gradient reduction (MNe), with one dispatch per op.
+// the pre-activation is kept; none for the identity); backward reads grad_y and the saved tensor and writes ga
+// (3 MNe). Eager PyTorch: addmm's bias copy, the activation (2 MNe), and backward's activation derivative
+// (3 MNe) plus a separate bias-gradient reduction (MNe), with one dispatch per op.
 //
 // bf16: the operands are upcast and the GEMMs, bias and activation run in fp32, rounded to bf16 once (on
 // CPUs without AVX512-BF16 a bf16 GEMM is ~20x slower than the upcast plus an fp32 GEMM). The derivative
-// pass reads bf16 grad_y and writes bf16 ga, as eager does. The bias gradient is summed in fp32 (fp64 for double) per row-task, tasks added
-// in order: independent of the thread count.
+// pass reads bf16 grad_y and writes bf16 ga, as eager does. The bias gradient is summed in fp32 (fp64 for
+// double) per row-task, tasks added in order: independent of the thread count.
 #include "common.h"
 
 #include <ATen/ops/gelu.h>
@@ -391,11 +391,8 @@ class LinearActFunction : public torch::autograd::Function<LinearActFunction> {
  public:
   static variable_list forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight,
                                const std::optional<at::Tensor>& bias, int64_t act, double slope) {
-    at::AutoDispatchBelowADInplaceOrView guard;
-    static auto op = c10::Dispatcher::singleton()
-                         .findSchemaOrThrow("vaegan_fast_native::linear_act", "")
-                         .typed<decltype(linear_act)>();
-    auto [y, pre] = op.call(x, weight, bias, act, slope);
+    static const auto op = library_op<decltype(linear_act)>("linear_act");
+    auto [y, pre] = call_below_autograd(op, x, weight, bias, act, slope);
     const bool keep_pre = keeps_preactivation(act, slope);
     const bool has_bias = bias.has_value() && bias->defined();
     ctx->save_for_backward({x, weight, has_bias ? *bias : at::Tensor(), keep_pre ? pre : y});
@@ -433,11 +430,9 @@ class LinearActFunction : public torch::autograd::Function<LinearActFunction> {
         }
       return out;
     }
-    at::AutoDispatchBelowADInplaceOrView guard;  // common.h: calling an op from an autograd formula
-    static auto op = c10::Dispatcher::singleton()
-                         .findSchemaOrThrow("vaegan_fast_native::linear_act_backward", "")
-                         .typed<decltype(linear_act_backward)>();
-    auto [gx, gw, gb] = op.call(gy, x, weight, kept, !keeps_preactivation(act, slope), act, slope, mask);
+    static const auto op = library_op<decltype(linear_act_backward)>("linear_act_backward");
+    auto [gx, gw, gb] =
+        call_below_autograd(op, gy, x, weight, kept, !keeps_preactivation(act, slope), act, slope, mask);
     return {mask[0] ? gx : at::Tensor(), mask[1] ? gw : at::Tensor(), mask[2] ? gb : at::Tensor(),
             at::Tensor(), at::Tensor()};
   }

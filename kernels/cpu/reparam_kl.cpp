@@ -167,11 +167,8 @@ class ReparamKlFunction : public torch::autograd::Function<ReparamKlFunction> {
  public:
   static variable_list forward(AutogradContext* ctx, const at::Tensor& mu, const at::Tensor& logvar,
                                const at::Tensor& eps) {
-    at::AutoDispatchBelowADInplaceOrView guard;
-    static auto op = c10::Dispatcher::singleton()
-                         .findSchemaOrThrow("vaegan_fast_native::reparam_kl", "")
-                         .typed<decltype(reparam_kl)>();
-    auto [z, kl] = op.call(mu, logvar, eps);
+    static const auto op = library_op<decltype(reparam_kl)>("reparam_kl");
+    auto [z, kl] = call_below_autograd(op, mu, logvar, eps);
     ctx->save_for_backward({mu, logvar, eps});
     ctx->set_materialize_grads(false);
     return {z, kl};
@@ -190,12 +187,10 @@ class ReparamKlFunction : public torch::autograd::Function<ReparamKlFunction> {
       return {dz + k * mu, 0.5 * dz * std_ * eps + 0.5 * k * (at::exp(logvar) - 1.0),
               need_eps ? dz * std_ : at::Tensor()};
     }
-    at::AutoDispatchBelowADInplaceOrView guard;  // common.h: calling an op from an autograd formula
-    static auto op = c10::Dispatcher::singleton()
-                         .findSchemaOrThrow("vaegan_fast_native::reparam_kl_backward", "")
-                         .typed<decltype(reparam_kl_backward)>();
-    auto [dmu, dlv, deps] = op.call(mu, logvar, eps, dz.defined() ? std::optional<at::Tensor>(dz) : std::nullopt,
-                                    dkl.defined() ? std::optional<at::Tensor>(dkl) : std::nullopt, need_eps);
+    static const auto op = library_op<decltype(reparam_kl_backward)>("reparam_kl_backward");
+    auto [dmu, dlv, deps] =
+        call_below_autograd(op, mu, logvar, eps, dz.defined() ? std::optional<at::Tensor>(dz) : std::nullopt,
+                            dkl.defined() ? std::optional<at::Tensor>(dkl) : std::nullopt, need_eps);
     return {dmu, dlv, need_eps ? deps : at::Tensor()};
   }
 };

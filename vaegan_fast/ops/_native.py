@@ -101,8 +101,8 @@ def _(mu, logvar, eps, grad_z, grad_kl, need_grad_eps):
 @_dispatch.register("reparam_kl", "native")
 def reparam_kl_native(mu: Tensor, logvar: Tensor, eps: Tensor):
     if torch.is_autocast_enabled("cpu"):
-        return _autocast_call(upcast_under_autocast, _ops.reparam_kl, (mu, logvar, eps))
-    return _ops.reparam_kl(mu, logvar, eps)
+        mu, logvar, eps = upcast_under_autocast(mu, logvar, eps)
+    return _call(_ops.reparam_kl, mu, logvar, eps)
 
 
 # =========================================================================================================
@@ -133,22 +133,13 @@ def _(stored, grad, want_negated):
     return stored.new_empty(stored.shape), stored.new_empty(stored.shape if want_negated else (0,))
 
 
-def _autocast_call(cast, op, tensors: tuple, *rest):
-    """``op(*tensors, *rest)`` for the public ops under CPU autocast: the tensors first go through ``cast``
-    (upcast_under_autocast for the losses and reparam+KL, cast_under_autocast for linear_act) and the op runs
-    with autocast off, so that the kernels' own ATen calls (BLAS products) are not recast behind their back.
-    Outside autocast, the common case, the public ops' implementations below call the op and nothing else: on
-    a small tensor each context, cast, check or Python frame had been a visible share of the op. The dtypes
-    need no check there: resolve() passed only those this backend takes, and the C++ ops check them again,
-    naming the argument."""
-    tensors = cast(*tensors)
-    with torch.autocast("cpu", enabled=False):
-        return op(*tensors, *rest)
-
-
 def _call(op, *args):
     """``op(*args)`` with CPU autocast off: the kernels' own ATen calls (BLAS products) must not be recast by an
-    enclosing autocast. Entering an autocast context costs microseconds, so it is done only when needed."""
+    enclosing autocast. The public ops below cast their inputs themselves under autocast (upcast_under_autocast
+    for the losses and reparam+KL, cast_under_autocast for linear_act) and otherwise do nothing but this call:
+    on a small tensor each context, cast, check or Python frame had been a visible share of the op. Entering an
+    autocast context costs microseconds, so it is done only when needed. The dtypes need no check here:
+    resolve() passed only those this backend takes, and the C++ ops check them again, naming the argument."""
     if torch.is_autocast_enabled("cpu"):
         with torch.autocast("cpu", enabled=False):
             return op(*args)
@@ -191,8 +182,8 @@ def generator_loss_native(fake_logits: tuple, saturating: bool) -> Tensor:
 @_dispatch.register("feature_recon_loss", "native")
 def feature_recon_loss_native(features_real: Tensor, features_fake: Tensor) -> Tensor:
     if torch.is_autocast_enabled("cpu"):
-        return _autocast_call(upcast_under_autocast, _ops.feature_recon_loss, (features_real, features_fake))
-    return _ops.feature_recon_loss(features_real, features_fake)
+        features_real, features_fake = upcast_under_autocast(features_real, features_fake)
+    return _call(_ops.feature_recon_loss, features_real, features_fake)
 
 
 # =========================================================================================================
@@ -223,9 +214,8 @@ _ACTIVATION_INDEX = {name: i for i, name in enumerate(ACTIVATIONS)}
 def linear_act_native(x: Tensor, weight: Tensor, bias: Optional[Tensor], activation: str,
                       negative_slope: float) -> Tensor:
     if torch.is_autocast_enabled("cpu"):  # in the autocast dtype, like F.linear
-        return _autocast_call(cast_under_autocast, _ops.linear_act, (x, weight, bias),
-                              _ACTIVATION_INDEX[activation], float(negative_slope))[0]
-    return _ops.linear_act(x, weight, bias, _ACTIVATION_INDEX[activation], float(negative_slope))[0]
+        x, weight, bias = cast_under_autocast(x, weight, bias)
+    return _call(_ops.linear_act, x, weight, bias, _ACTIVATION_INDEX[activation], float(negative_slope))[0]
 
 
 # =========================================================================================================
