@@ -121,6 +121,6 @@ setup(
         "pillow",  # PNG sample grids and image-folder datasets
         "tqdm",  # the training CLI's progress bar
     ],
-    extras_require={"test": ["pytest", "pytest-benchmark", "matplotlib"], "plot": ["matplotlib"]},
+    extras_require={"test": ["pytest", "pytest-benchmark", "matplotlib", "scipy"], "plot": ["matplotlib"]},
     entry_points={"console_scripts": ["vaegan-fast=vaegan_fast.__main__:main"]},
 )

@@ -56,25 +56,71 @@ def test_fashion_mnist_test_split_loads_as_pixels_in_0_1():
     assert test.images.shape == (10000, 784) and test.images.dtype == torch.float32
     assert test.images.min() == 0 and test.images.max() == 1
     assert torch.bincount(test.labels).tolist() == [1000] * 10
-    assert test.image_shape == (28, 28)
+    assert test.image_shape == (1, 28, 28)
 
 
-def test_png_folder_loads_same_sized_images_and_rejects_mixed_sizes(tmp_path):
+def save_png(path, array, mode=None):
     from PIL import Image
+    Image.fromarray(np.asarray(array, dtype=np.uint8), mode=mode).save(path)
+
+
+def test_png_folder_of_grayscale_images_loads_with_its_shape(tmp_path):
     pixels = np.random.randint(0, 256, size=(3, 6, 5)).astype(np.uint8)
     for i, p in enumerate(pixels):
-        Image.fromarray(p).save(tmp_path / f"{i}.png")
+        save_png(tmp_path / f"{i}.png", p)
     folder = data.load_dataset(str(tmp_path))
-    assert folder.image_shape == (6, 5)
+    assert folder.image_shape == (1, 6, 5)
     torch.testing.assert_close(folder.images, torch.from_numpy(pixels.reshape(3, 30) / 255.0).float())
-    colour = data.load_image_folder(tmp_path, mode="RGB")
-    assert colour.dim == 90 and colour.image_shape == (6, 5, 3)
-    Image.fromarray(np.zeros((7, 5), dtype=np.uint8)).save(tmp_path / "odd.png")
-    with pytest.raises(ValueError, match="same size"):
+
+
+def test_png_folder_of_colour_images_loads_in_colour_channel_first(tmp_path):
+    pixels = np.random.randint(0, 256, size=(4, 6, 5, 3)).astype(np.uint8)
+    for i, p in enumerate(pixels):
+        save_png(tmp_path / f"{i}.png", p)
+    save_png(tmp_path / "4.png", np.dstack([pixels[0], np.full((6, 5), 128, np.uint8)]))  # RGBA: alpha dropped
+    folder = data.load_dataset(str(tmp_path))
+    assert folder.image_shape == (3, 6, 5) and folder.dim == 90
+    want = torch.from_numpy(pixels.transpose(0, 3, 1, 2).reshape(4, 90) / 255.0).float()
+    torch.testing.assert_close(folder.images[:4], want)
+    torch.testing.assert_close(folder.images[4], want[0])
+
+
+def test_a_folder_mixing_sizes_or_colour_names_a_file_of_each_kind(tmp_path):
+    save_png(tmp_path / "a.png", np.zeros((6, 5)))
+    save_png(tmp_path / "b.png", np.zeros((7, 5)))
+    with pytest.raises(ValueError, match=r"a\.png is 5x6 and b\.png is 5x7.*--image-size"):
         data.load_image_folder(tmp_path)
-    (tmp_path / "odd.png").write_bytes(b"not a png")
-    with pytest.raises(ValueError, match="not a readable PNG"):
+    (tmp_path / "b.png").unlink()
+    save_png(tmp_path / "c.png", np.zeros((6, 5, 3)))
+    with pytest.raises(ValueError, match=r"grayscale images \(a\.png\) and colour images \(c\.png\).*--channels"):
         data.load_image_folder(tmp_path)
+    (tmp_path / "d.png").write_bytes(b"not a png")
+    with pytest.raises(ValueError, match="d.png is not a readable PNG"):
+        data.load_image_folder(tmp_path)
+
+
+def test_channels_and_image_size_convert_a_mixed_folder(tmp_path):
+    save_png(tmp_path / "a.png", np.full((6, 5), 200))
+    save_png(tmp_path / "b.png", np.random.randint(0, 256, (9, 4, 3)))
+    grey = data.load_image_folder(tmp_path, channels=1, image_size=(4, 4))
+    assert grey.image_shape == (1, 4, 4) and grey.images.shape == (2, 16)
+    torch.testing.assert_close(grey.images[0], torch.full((16,), 200 / 255))  # a flat image stays flat
+    rgb = data.load_image_folder(tmp_path, channels=3, image_size=(4, 4))
+    assert rgb.image_shape == (3, 4, 4)
+    torch.testing.assert_close(rgb.images[0], torch.full((48,), 200 / 255))  # grey in three equal channels
+    with pytest.raises(ValueError, match="channels must be 1"):
+        data.load_image_folder(tmp_path, channels=2)
+    with pytest.raises(ValueError, match="fixed shape"):
+        data.load_dataset("synthetic", channels=3)
+
+
+def test_sixteen_bit_grayscale_is_scaled_not_clipped(tmp_path):
+    save_png(tmp_path / "a.png", np.full((4, 4), 0), mode=None)
+    from PIL import Image
+    Image.fromarray(np.full((4, 4), 32768, dtype=np.uint16)).save(tmp_path / "b.png")
+    folder = data.load_image_folder(tmp_path)
+    assert folder.image_shape == (1, 4, 4)
+    torch.testing.assert_close(folder.images[1], torch.full((16,), 32768 / 65535))
 
 
 def test_synthetic_images_are_structured_and_in_range():

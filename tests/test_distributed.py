@@ -12,6 +12,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from vaegan_fast import Model
+from vaegan_fast.distributed import shutdown
+from vaegan_fast.testing import FP32_RELATIVE
 
 SIZES = dict(input_dim=20, latent_dim=3, encoder_hidden=(12, 7), decoder_hidden=(7, 12),
              discriminator_hidden=(11, 6))
@@ -41,7 +43,7 @@ def _worker(rank, world, port, options, out):
         if rank == 0:
             torch.save({"weights": model.state_dict(), "stats": stats}, out)
     finally:
-        dist.destroy_process_group()
+        shutdown()
 
 
 @pytest.mark.parametrize("options", CASES.values(), ids=CASES.keys())
@@ -82,7 +84,7 @@ def _low_precision_worker(rank, world, port, precision, out):
             states.append({k: v.clone() for k, v in model.state_dict().items()})
         torch.save({"states": states, "stats": stats}, f"{out}.{rank}")
     finally:
-        dist.destroy_process_group()
+        shutdown()
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
@@ -126,8 +128,12 @@ def test_torchrun_trains_data_parallel_and_resumes_on_one_process(tmp_path):
     run(torchrun, tmp_path / "dp", 2)
     run([sys.executable], tmp_path / "dp", 4, "--resume")  # the same checkpoint, now on one process
     run([sys.executable], tmp_path / "single", 4)
-    for got, want in zip(losses(tmp_path / "dp"), losses(tmp_path / "single")):
-        assert got["step"] == want["step"]
+    dp, single = losses(tmp_path / "dp"), losses(tmp_path / "single")
+    assert [r["step"] for r in dp] == [r["step"] for r in single] == [1, 2, 3, 4]
+    for got, want in zip(dp, single):
         for key in ("encoder_loss", "decoder_loss", "discriminator_loss", "kl"):
-            assert got[key] == pytest.approx(want[key], rel=1e-4), (got["step"], key)
-    assert len(losses(tmp_path / "dp")) == 4
+            # Step 1 runs on the same weights: the fp32 rule. Later steps follow Adam updates, which turn
+            # last-bit differences of tiny gradients into weight changes of up to lr, so only a sanity bound
+            # that a lost optimizer state or random stream would break; exactness is proven in fp64 above.
+            rel = FP32_RELATIVE if got["step"] == 1 else 1e-3
+            assert got[key] == pytest.approx(want[key], rel=rel), (got["step"], key)

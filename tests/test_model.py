@@ -363,3 +363,84 @@ def test_mode_options_are_validated():
         small_model(mode="wgan")
     with pytest.raises(ValueError, match="pixel_weight > 0"):
         small_model(mode="vae", pixel_weight=0.0)
+
+
+NUMERIC_OPTIONS = {"gamma": {}, "pixel_weight": {}, "margin": {}, "equilibrium": {}, "negative_slope": {},
+                   "lr": {}, "lr['decoder']": {}, "betas[0]": {}, "betas['encoder'][1]": {},
+                   "loss_scale['init']": dict(precision="fp16"), "loss_scale['growth_factor']": dict(precision="fp16"),
+                   "loss_scale['backoff_factor']": dict(precision="fp16")}
+
+
+def _with_value(option: str, value) -> dict:
+    """Model keyword arguments that set ``option`` (as written in NUMERIC_OPTIONS) to ``value``."""
+    nets = ("encoder", "decoder", "discriminator")
+    if option == "lr['decoder']":
+        return {"lr": {n: value if n == "decoder" else 1e-3 for n in nets}}
+    if option == "betas[0]":
+        return {"betas": (value, 0.999)}
+    if option == "betas['encoder'][1]":
+        return {"betas": {n: (0.5, value if n == "encoder" else 0.999) for n in nets}}
+    if option.startswith("loss_scale"):
+        return {"loss_scale": {option.split("'")[1]: value}}
+    return {option: value}
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")], ids=["nan", "inf", "-inf"])
+@pytest.mark.parametrize("option", list(NUMERIC_OPTIONS))
+def test_every_numeric_option_refuses_non_finite_values_by_name(option, value):
+    name = option.split("[")[0]
+    with pytest.raises(ValueError, match=name):
+        small_model(**NUMERIC_OPTIONS[option], **_with_value(option, value))
+
+
+@pytest.mark.parametrize("options,message", [
+    (dict(latent_dim=0), "latent_dim"), (dict(input_dim=-3), "input_dim"), (dict(seed=-1), "seed"),
+    (dict(encoder_hidden=(12, 0)), r"encoder_hidden\[1\]"), (dict(lr=0.0), "lr"), (dict(betas=(0.5, 1.0)), "betas"),
+    (dict(gamma=-0.1), "gamma"), (dict(image_shape=(2, 4, 5), input_dim=None), "channels"),
+    (dict(image_shape=(1, 4, 4)), "does not match"), (dict(backend="gpu"), "backend"),
+])
+def test_out_of_range_options_are_refused_by_name(options, message):
+    with pytest.raises((ValueError, TypeError), match=message):
+        small_model(**options)
+
+
+@pytest.mark.parametrize("options,error", [(dict(feature_layer=1.0), TypeError), (dict(latent_dim=3.0), TypeError),
+                                           (dict(gating=1), TypeError), (dict(seed=True), TypeError)])
+def test_options_of_the_wrong_type_are_refused(options, error):
+    with pytest.raises(error):
+        small_model(**options)
+
+
+def test_a_nan_gamma_can_no_longer_poison_the_weights():
+    with pytest.raises(ValueError, match="gamma must be a finite number, got nan"):
+        Model.preset("seed", gamma=float("nan"))
+
+
+@pytest.mark.parametrize("layout", ["transposed", "sliced", "expanded rows"])
+@pytest.mark.parametrize("backend", vaegan_fast.ops.available_backends("cpu", "dense_forward"))
+def test_every_backend_accepts_a_strided_batch_with_the_bits_of_its_contiguous_copy(backend, layout):
+    x = batch()
+    strided = {"transposed": x.t().contiguous().t(), "sliced": torch.cat([x, x], 1)[:, ::2],
+               "expanded rows": x[:1].expand(9, 20)}[layout]
+    assert not strided.is_contiguous()
+    a, b = small_model(backend=backend, seed=5), small_model(backend=backend, seed=5)
+    for _ in range(2):
+        got, want = a.train_step(strided), b.train_step(strided.contiguous())
+        assert all(torch.equal(got[k], want[k]) for k in want)
+    assert_same_state(snapshot(a), snapshot(b))
+
+
+def test_a_batch_on_another_device_or_a_backend_that_cannot_run_is_refused_with_no_state_changed(monkeypatch):
+    from vaegan_fast.ops import BackendUnavailableError, _dispatch
+    model = small_model()
+    model.train_step(batch())
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="is on meta but the model is on cpu"):
+        model.train_step(torch.empty(9, 20, device="meta"))
+    assert_same_state(before, snapshot(model))
+    monkeypatch.setitem(_dispatch._load_errors, "native", "pretend the library failed to load")
+    monkeypatch.setattr(_dispatch, "_resolved", {})
+    model.backend = "native"
+    with pytest.raises(BackendUnavailableError, match="pretend"):
+        model.train_step(batch())
+    assert_same_state(before, snapshot(model))

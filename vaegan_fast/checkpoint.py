@@ -50,6 +50,8 @@ def atomic_save(obj, path: str | os.PathLike) -> None:
 def load(path: str | os.PathLike, map_location=None) -> dict:
     """Read a file written by atomic_save, checking its length and checksum first."""
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"checkpoint {path} is a folder; give the checkpoint file (e.g. {path}/checkpoint.pt)")
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     raw = path.read_bytes()
@@ -64,4 +66,7 @@ def load(path: str | os.PathLike, map_location=None) -> dict:
                          f"the file holds {len(payload)}")
     if hashlib.sha256(payload).digest() != digest:
         raise ValueError(f"checkpoint {path} is corrupt: its checksum does not match its contents")
-    return torch.load(io.BytesIO(payload), map_location=map_location, weights_only=True)
+    try:
+        return torch.load(io.BytesIO(payload), map_location=map_location, weights_only=True)
+    except Exception as exc:  # a payload with a valid checksum that torch cannot read: another program's file
+        raise ValueError(f"checkpoint {path} holds data this version cannot read: {exc}") from exc

@@ -1,6 +1,8 @@
 """Datasets: Fashion-MNIST from Debian's package, any folder of same-sized PNGs, and synthetic images.
 
-Everything is read from disk; nothing is ever downloaded. Images come out as float32 [N, H*W*C] in [0, 1].
+Everything is read from disk; nothing is ever downloaded. Images come out as float32 [N, C*H*W] in [0, 1]
+(each row an image in channel-first order, so ``row.reshape(C, H, W)`` is the image) with their shape
+``(C, H, W)`` beside them: the shape goes from the files to the model, the sample grids and the checkpoint.
 """
 from __future__ import annotations
 
@@ -26,8 +28,8 @@ DATASETS = ("fashion-mnist", "synthetic")  # or a path to a folder of PNGs
 
 @dataclass
 class ImageDataset:
-    images: torch.Tensor  # float32 [N, H*W*C] in [0, 1]
-    image_shape: tuple  # (H, W) for grayscale, (H, W, C) for colour
+    images: torch.Tensor  # float32 [N, C*H*W] in [0, 1], channel-first within a row
+    image_shape: tuple  # (C, H, W): C is 1 for grayscale, 3 for colour
     labels: Optional[torch.Tensor] = None  # int64 [N] where the data has them
     name: str = ""
 
@@ -83,37 +85,98 @@ def load_fashion_mnist(split: str = "train", root: str | os.PathLike | None = No
     if labels.max() >= len(FASHION_MNIST_CLASSES):
         raise ValueError(f"Fashion-MNIST {split} labels in {root} are out of range: corrupt file")
     pixels = torch.from_numpy(images.reshape(count, 784).astype(np.float32) / 255.0)
-    return ImageDataset(pixels, (28, 28), torch.from_numpy(labels.astype(np.int64)), f"fashion-mnist/{split}")
+    return ImageDataset(pixels, (1, 28, 28), torch.from_numpy(labels.astype(np.int64)), f"fashion-mnist/{split}")
 
 
 # ---------------------------------------------------------------------------------------------- PNG folders
-def load_image_folder(folder: str | os.PathLike, mode: str = "L") -> ImageDataset:
-    """Every *.png in ``folder`` (sorted by name), all of one size, as grayscale ("L") or colour ("RGB")."""
+IMAGE_SUFFIXES = (".png",)
+# PIL modes whose pixels are one grey level (the rest are colour: RGB, RGBA, P, CMYK, ...); alpha is dropped.
+_GREY_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F")
+
+
+def _kind(image) -> int:
+    """1 for a grayscale image file, 3 for a colour one (a palette image counts as grey only if its palette is)."""
+    if image.mode == "P":
+        palette = image.getpalette() or []
+        grey = all(palette[i] == palette[i + 1] == palette[i + 2] for i in range(0, len(palette) - 2, 3))
+        return 1 if grey else 3
+    return 1 if image.mode in _GREY_MODES else 3
+
+
+def _pixels(image, channels: int, height: int, width: int) -> np.ndarray:
+    """One image file as float32 [channels * height * width] in [0, 1], channel-first."""
+    from PIL import Image
+
+    if image.mode.startswith("I"):  # 16- or 32-bit grey levels: scale by the format's range, not clip at 255
+        peak = 65535.0 if image.mode.startswith("I;16") or np.asarray(image).max() <= 65535 else 2.0**32 - 1
+        grey = Image.fromarray(np.asarray(image, dtype=np.float32) / np.float32(peak), mode="F")
+        image = grey
+    if image.mode == "F":
+        if (image.height, image.width) != (height, width):
+            image = image.resize((width, height), Image.LANCZOS)
+        arr = np.clip(np.asarray(image, dtype=np.float32), 0, 1)[None]
+        return np.repeat(arr, channels, axis=0).reshape(-1)
+    image = image.convert("L" if channels == 1 else "RGB")  # drops alpha; a palette maps to its colours
+    if (image.height, image.width) != (height, width):
+        image = image.resize((width, height), Image.LANCZOS)
+    arr = np.asarray(image, dtype=np.uint8).reshape(height, width, channels).transpose(2, 0, 1)
+    return (arr.astype(np.float32) / 255.0).reshape(-1)
+
+
+def load_image_folder(folder: str | os.PathLike, channels: Optional[int] = None,
+                      image_size: Optional[tuple] = None) -> ImageDataset:
+    """Every *.png in ``folder`` (sorted by name) as one dataset of shape (C, H, W).
+
+    By default the files decide: all grayscale gives C = 1, all colour C = 3, and every file must have the
+    same size; a folder that mixes them is refused with an error naming one file of each kind.
+    ``channels`` (1 or 3) converts every file to grayscale or RGB, and ``image_size`` ((H, W)) resizes every
+    file (Lanczos), so a mixed folder can be used on purpose.
+    """
     from PIL import Image
 
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"image folder {folder} does not exist")
-    if mode not in ("L", "RGB"):
-        raise ValueError(f"mode must be 'L' or 'RGB', got {mode!r}")
-    files = sorted(folder.glob("*.png"))
+    if channels not in (None, 1, 3):
+        raise ValueError(f"channels must be 1 (grayscale) or 3 (RGB), got {channels!r}")
+    if image_size is not None:
+        if (len(image_size) != 2 or any(not isinstance(v, int) or isinstance(v, bool) or v <= 0
+                                        for v in image_size)):
+            raise ValueError(f"image_size must be (height, width) in positive pixels, got {image_size!r}")
+        image_size = tuple(image_size)
+    files = sorted(f for f in folder.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file())
     if not files:
         raise ValueError(f"image folder {folder} holds no .png files")
-    arrays, size = [], None
+    opened = []
     for f in files:
         try:
             with Image.open(f) as im:
-                arr = np.asarray(im.convert(mode))
+                im.load()
+                opened.append((f, im.copy()))
         except Exception as exc:
             raise ValueError(f"{f} is not a readable PNG image: {exc}") from exc
-        if size is None:
-            size = arr.shape
-        elif arr.shape != size:
-            raise ValueError(f"{f} has size {arr.shape[1]}x{arr.shape[0]} but {files[0].name} has "
-                             f"{size[1]}x{size[0]}: all images must be the same size")
-        arrays.append(arr.reshape(-1))
-    pixels = torch.from_numpy(np.stack(arrays).astype(np.float32) / 255.0)
-    return ImageDataset(pixels, tuple(size), None, f"folder:{folder}")
+    if channels is None:
+        kinds = {}
+        for f, im in opened:
+            kinds.setdefault(_kind(im), f)
+        if len(kinds) > 1:
+            raise ValueError(f"image folder {folder} mixes grayscale images ({kinds[1].name}) and colour images "
+                             f"({kinds[3].name}): pass --channels 1 or --channels 3 to convert them all")
+        channels = next(iter(kinds))
+    if image_size is None:
+        sizes = {}
+        for f, im in opened:
+            sizes.setdefault((im.height, im.width), f)
+        if len(sizes) > 1:
+            (first, a), (second, b) = list(sizes.items())[:2]
+            raise ValueError(f"image folder {folder} mixes image sizes: {a.name} is {first[1]}x{first[0]} and "
+                             f"{b.name} is {second[1]}x{second[0]} (width x height); all images must be the "
+                             "same size, or pass --image-size HxW to resize them all")
+        image_size = next(iter(sizes))
+    height, width = image_size
+    arrays = [_pixels(im, channels, height, width) for _, im in opened]
+    pixels = torch.from_numpy(np.stack(arrays))
+    return ImageDataset(pixels, (channels, height, width), None, f"folder:{folder}")
 
 
 # ---------------------------------------------------------------------------------------------- synthetic
@@ -128,17 +191,21 @@ def synthetic(n: int = 8192, side: int = 28, seed: int = 0) -> ImageDataset:
         cy, cx = torch.rand(2, n, 1, 1, generator=gen) * 0.8 + 0.1
         width = torch.rand(n, 1, 1, generator=gen) * 0.12 + 0.04
         images += present * torch.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * width**2))
-    return ImageDataset(images.clamp(0, 1).reshape(n, side * side), (side, side), None, "synthetic")
+    return ImageDataset(images.clamp(0, 1).reshape(n, side * side), (1, side, side), None, "synthetic")
 
 
-def load_dataset(name: str, split: str = "train", **kwargs) -> ImageDataset:
-    """"fashion-mnist", "synthetic", or the path of a folder of PNG images."""
-    if name == "fashion-mnist":
-        return load_fashion_mnist(split, **kwargs)
-    if name == "synthetic":
-        return synthetic(seed=0 if split == "train" else 1, **kwargs)
+def load_dataset(name: str, split: str = "train", channels: Optional[int] = None,
+                 image_size: Optional[tuple] = None) -> ImageDataset:
+    """"fashion-mnist", "synthetic", or the path of a folder of PNG images (``channels`` and ``image_size``
+    convert a folder's images; see load_image_folder)."""
+    if name in DATASETS:
+        if channels is not None or image_size is not None:
+            raise ValueError(f"channels and image_size convert the images of a folder; {name!r} has a fixed shape")
+        return load_fashion_mnist(split) if name == "fashion-mnist" else synthetic(seed=0 if split == "train" else 1)
     if Path(name).is_dir():
-        return load_image_folder(name, **kwargs)
+        return load_image_folder(name, channels=channels, image_size=image_size)
+    if Path(name).exists():
+        raise ValueError(f"data {name!r} is a file; give a folder of PNG images, or one of {DATASETS}")
     raise ValueError(f"data must be one of {DATASETS} or a folder of PNG images, got {name!r}")
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 import os
 import warnings
 from typing import Optional, Sequence
@@ -45,11 +46,12 @@ PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 CHECKPOINT_FORMAT = "vaegan_fast/1"
 
 PRESETS = {
-    # The sizes of the foundation's MLP VAE-GAN; batch 256 recommended.
-    "seed": dict(input_dim=784, latent_dim=16, encoder_hidden=(128, 64, 32), decoder_hidden=(32, 64, 128),
+    # The sizes of the foundation's MLP VAE-GAN; batch 256 recommended. The MLP presets size their input to
+    # the images (image_shape, default Fashion-MNIST's (1, 28, 28)): RGB 28x28 gives input_dim 2352.
+    "seed": dict(latent_dim=16, encoder_hidden=(128, 64, 32), decoder_hidden=(32, 64, 128),
                  discriminator_hidden=(128, 64, 32)),
     # enc 784-1024-512, latent 128, dec 128-512-1024-784, disc 784-1024-512-1; batch 512 recommended.
-    "wide": dict(input_dim=784, latent_dim=128, encoder_hidden=(1024, 512), decoder_hidden=(512, 1024),
+    "wide": dict(latent_dim=128, encoder_hidden=(1024, 512), decoder_hidden=(512, 1024),
                  discriminator_hidden=(1024, 512)),
 }
 RECOMMENDED_BATCH = {"seed": 256, "wide": 512}
@@ -57,6 +59,60 @@ RECOMMENDED_BATCH = {"seed": 256, "wide": 512}
 # The configuration of the straightforward eager baseline in bench/: what comparisons run.
 BASELINE_OPTIONS = dict(gamma=1.0, pixel_weight=0.0, recon_as_fake=True, saturating=False, gating=False,
                         feature_layer=-1, lr=2e-4, betas=(0.5, 0.999))
+
+
+DEFAULT_IMAGE_SHAPE = (1, 28, 28)
+
+
+def _number(name: str, value, minimum: Optional[float] = None, above: Optional[float] = None,
+            below: Optional[float] = None) -> float:
+    """``value`` as a float, refusing non-numbers, NaN, +-inf and values outside the bounds, by name."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
+    if above is not None and value <= above:
+        raise ValueError(f"{name} must be > {above}, got {value!r}")
+    if below is not None and value >= below:
+        raise ValueError(f"{name} must be < {below}, got {value!r}")
+    return float(value)
+
+
+def _count(name: str, value, minimum: int = 1) -> int:
+    """``value`` as an int >= minimum (a bool or a float is refused, not truncated)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def _sizes(name: str, value) -> tuple:
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
+        raise TypeError(f"{name} must be a sequence of layer widths, got {value!r}")
+    return tuple(_count(f"{name}[{i}]", v) for i, v in enumerate(value))
+
+
+def image_shape_of(input_dim: Optional[int], image_shape) -> tuple[int, tuple]:
+    """(input_dim, (C, H, W)) from either or both: the shape decides when given; a bare input_dim is a square
+    grayscale image when it can be one (784: 1x28x28), else one row of pixels."""
+    if image_shape is not None:
+        if isinstance(image_shape, (str, bytes)) or not hasattr(image_shape, "__len__") or len(image_shape) != 3:
+            raise ValueError(f"image_shape must be (channels, height, width), got {image_shape!r}")
+        shape = tuple(_count(f"image_shape[{i}]", v) for i, v in enumerate(image_shape))
+        if shape[0] not in (1, 3):
+            raise ValueError(f"image_shape's channels must be 1 (grayscale) or 3 (RGB), got {shape[0]}")
+        dim = shape[0] * shape[1] * shape[2]
+        if input_dim is not None and _count("input_dim", input_dim) != dim:
+            raise ValueError(f"input_dim {input_dim} does not match image_shape {shape} ({dim} values per image)")
+        return dim, shape
+    if input_dim is None:
+        return math.prod(DEFAULT_IMAGE_SHAPE), DEFAULT_IMAGE_SHAPE
+    dim = _count("input_dim", input_dim)
+    side = math.isqrt(dim)
+    return dim, ((1, side, side) if side * side == dim else (1, 1, dim))
 
 
 def _per_network(name: str, value) -> dict:
@@ -78,7 +134,7 @@ class Model(nn.Module):
     ``discriminator`` modules to use your own (see vaegan_fast.nn.networks for the contract).
     """
 
-    def __init__(self, input_dim: int = 784, latent_dim: int = 16,
+    def __init__(self, input_dim: Optional[int] = None, latent_dim: int = 16,
                  encoder_hidden: Sequence[int] = (128, 64, 32), decoder_hidden: Sequence[int] = (32, 64, 128),
                  discriminator_hidden: Sequence[int] = (128, 64, 32), activation: str = "leaky_relu",
                  negative_slope: float = 0.2, *, gamma: float = 1.0, pixel_weight: float = 1.0,
@@ -87,7 +143,8 @@ class Model(nn.Module):
                  optimizer: str = "adam", lr=2e-4, betas=(0.5, 0.999), backend: str = "auto",
                  check_inputs: bool = True, seed: int = 0, mode: str = "vaegan", precision: str = "fp32",
                  loss_scale: Optional[dict] = None, encoder: Optional[nn.Module] = None,
-                 decoder: Optional[nn.Module] = None, discriminator: Optional[nn.Module] = None):
+                 decoder: Optional[nn.Module] = None, discriminator: Optional[nn.Module] = None,
+                 image_shape: Optional[Sequence[int]] = None):
         super().__init__()
         custom = [m is not None for m in (encoder, decoder, discriminator)]
         if any(custom) and not all(custom):
@@ -103,23 +160,45 @@ class Model(nn.Module):
             raise ValueError(f"loss_scale applies to precision='fp16' only, got it with precision={precision!r}")
         if mode not in MODES:
             raise ValueError(f"mode must be one of {tuple(MODES)}, got {mode!r}")
+        if optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {tuple(OPTIMIZERS)}, got {optimizer!r}")
+        input_dim, image_shape = image_shape_of(input_dim, image_shape)
+        latent_dim = _count("latent_dim", latent_dim)
+        encoder_hidden = _sizes("encoder_hidden", encoder_hidden)
+        decoder_hidden = _sizes("decoder_hidden", decoder_hidden)
+        discriminator_hidden = _sizes("discriminator_hidden", discriminator_hidden)
+        gamma, pixel_weight = _number("gamma", gamma, minimum=0), _number("pixel_weight", pixel_weight, minimum=0)
+        margin, equilibrium = _number("margin", margin, minimum=0), _number("equilibrium", equilibrium)
+        negative_slope = _number("negative_slope", negative_slope)
+        if isinstance(feature_layer, bool) or not isinstance(feature_layer, int):
+            raise TypeError(f"feature_layer must be an int, got {type(feature_layer).__name__} {feature_layer!r}")
+        seed = _count("seed", seed, minimum=0)
+        for name, flag in (("recon_as_fake", recon_as_fake), ("saturating", saturating), ("gating", gating),
+                           ("check_inputs", check_inputs)):
+            if not isinstance(flag, bool):
+                raise TypeError(f"{name} must be a bool, got {type(flag).__name__} {flag!r}")
+        from .ops import BACKENDS
+        if backend != "auto" and backend not in BACKENDS:
+            raise ValueError(f"backend must be 'auto' or one of {BACKENDS}, got {backend!r}")
         if mode == "vae" and (gating or pixel_weight <= 0):
             raise ValueError("mode='vae' trains on the pixel-wise likelihood alone: it needs pixel_weight > 0 "
                              "and has no discriminator to gate (gating=False)")
-        if optimizer not in OPTIMIZERS:
-            raise ValueError(f"optimizer must be one of {tuple(OPTIMIZERS)}, got {optimizer!r}")
-        for name, value in (("gamma", gamma), ("pixel_weight", pixel_weight), ("margin", margin)):
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
-                raise ValueError(f"{name} must be a non-negative number, got {value!r}")
         lrs, betas_per_net = _per_network("lr", lr), _per_network("betas", betas)
+        for net in NETWORKS:
+            lrs[net] = _number(f"lr[{net!r}]" if isinstance(lr, dict) else "lr", lrs[net], above=0)
+            pair = betas_per_net[net]
+            where = f"betas[{net!r}]" if isinstance(betas, dict) else "betas"
+            if isinstance(pair, (str, bytes)) or not hasattr(pair, "__len__") or len(pair) != 2:
+                raise ValueError(f"{where} must be a pair (beta1, beta2), got {pair!r}")
+            betas_per_net[net] = tuple(_number(f"{where}[{i}]", b, minimum=0, below=1) for i, b in enumerate(pair))
         self.config = dict(
-            input_dim=int(input_dim), latent_dim=int(latent_dim), encoder_hidden=tuple(encoder_hidden),
+            input_dim=int(input_dim), image_shape=image_shape, latent_dim=int(latent_dim),
+            encoder_hidden=tuple(encoder_hidden),
             decoder_hidden=tuple(decoder_hidden), discriminator_hidden=tuple(discriminator_hidden),
             activation=activation, negative_slope=float(negative_slope), gamma=float(gamma),
             pixel_weight=float(pixel_weight), recon_as_fake=bool(recon_as_fake), saturating=bool(saturating),
             gating=bool(gating), equilibrium=float(equilibrium), margin=float(margin),
-            feature_layer=int(feature_layer), optimizer=optimizer, lr={k: float(v) for k, v in lrs.items()},
-            betas={k: tuple(float(b) for b in v) for k, v in betas_per_net.items()}, backend=backend,
+            feature_layer=int(feature_layer), optimizer=optimizer, lr=lrs, betas=betas_per_net, backend=backend,
             check_inputs=bool(check_inputs), seed=int(seed), mode=mode, precision=precision,
             loss_scale=loss_scale, custom_networks=all(custom))
 
@@ -230,7 +309,9 @@ class Model(nn.Module):
         if x.shape[0] == 0:
             raise ValueError(f"x must hold at least one row, got shape {tuple(x.shape)}")
         if x.shape[1] != width:
-            raise ValueError(f"x must have {width} features per row (the model's input_dim), got {x.shape[1]}")
+            c, h, w = self.config["image_shape"]
+            raise ValueError(f"x must have {width} features per row (the model's input_dim: images of {c}x{h}x{w} "
+                             f"[channels x height x width], flattened), got {x.shape[1]}")
         if x.device != self.device:
             raise ValueError(f"x is on {x.device} but the model is on {self.device}")
         if self.config["check_inputs"]:
@@ -240,7 +321,20 @@ class Model(nn.Module):
                 raise ValueError("x contains NaN or Inf values")
             if not in_range:
                 raise ValueError("x must hold pixel values in [0, 1] (the decoder's sigmoid range)")
-        return x.to(self.dtype)
+        # Any layout the reference accepts: a strided batch is copied, so every backend sees the same bits.
+        return x.to(self.dtype).contiguous()
+
+    def _check_backend(self, device: torch.device, dtype: torch.dtype) -> None:
+        """Resolve the backend for a batch on ``device`` in ``dtype`` before the step changes anything (the
+        random stream, the weights): a backend that cannot run here is refused by a call that leaves the
+        model as it was."""
+        from .ops import _dispatch
+        from .ops.dense import FORWARD_OP as DENSE_FORWARD_OP
+        compute = PRECISIONS[self.config["precision"]] or dtype
+        if self.uses_routed_step:
+            _dispatch.resolve(DENSE_FORWARD_OP, self.config["backend"], device, compute)
+        _dispatch.resolve("reparam_kl", self.config["backend"], device, torch.float32
+                          if compute in (torch.float16, torch.bfloat16) else compute)
 
     # ----------------------------------------------------------------------------------------- forward
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -258,8 +352,9 @@ class Model(nn.Module):
 
     @torch.no_grad()
     def sample(self, n: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-        """n images from the prior, [n, input_dim] in [0, 1]. Uses torch's RNG, not the training stream."""
-        if not isinstance(n, int) or n <= 0:
+        """n images from the prior, [n, input_dim] in [0, 1] (rows of ``config["image_shape"]`` flattened
+        channel-first). Uses torch's RNG, not the training stream."""
+        if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
             raise ValueError(f"n must be a positive int, got {n!r}")
         z = torch.randn(n, self.config["latent_dim"], generator=generator, device=self.device, dtype=self.dtype)
         return self.decode(z)
@@ -382,6 +477,7 @@ class Model(nn.Module):
     def train_step(self, x: torch.Tensor) -> dict:
         """One VAE-GAN update of all three networks; returns detached 0-dim tensors on the model's device."""
         x = self._check_batch(x)
+        self._check_backend(x.device, x.dtype)
         dp, scaler = self.data_parallel, self.loss_scaler
         scale = None
         if scaler is not None:
@@ -494,6 +590,10 @@ class Model(nn.Module):
         state = checkpoint.load(path, map_location)
         if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
             raise ValueError(f"{path} is not a {CHECKPOINT_FORMAT} checkpoint")
+        missing = [k for k in ("config", "weights", "optimizers", "step", "rng_device", "rng_state") if k not in state]
+        if missing or not isinstance(state["config"], dict) or "custom_networks" not in state["config"]:
+            raise ValueError(f"{path} is not a complete {CHECKPOINT_FORMAT} checkpoint (missing "
+                             f"{', '.join(missing) or 'its model configuration'})")
         config = dict(state["config"])
         custom = config.pop("custom_networks")
         if custom and encoder is None:
