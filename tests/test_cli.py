@@ -249,3 +249,10 @@ def test_resume_applies_a_new_learning_rate_and_says_so(tmp_path, capsys, traine
     model = Model.load(out / "checkpoint.pt")
     assert model.config["lr"] == {"encoder": 1e-3, "decoder": 1e-3, "discriminator": 1e-3}
     assert all(g["lr"] == 1e-3 for opt in model.optimizers.values() for g in opt.param_groups)
+
+
+def test_evaluate_refuses_a_checkpoint_of_other_images(tmp_path, capsys):
+    Model(image_shape=(3, 8, 8), encoder_hidden=(8,), decoder_hidden=(8,), discriminator_hidden=(8,)).save(
+        tmp_path / "rgb.pt")
+    one_error_line(capsys, ["evaluate", "--checkpoint", str(tmp_path / "rgb.pt"), "--samples", "10"],
+                   "1x28x28", "3x8x8", code=1)

@@ -102,6 +102,9 @@ def features(classifier: FashionClassifier, images: torch.Tensor, chunk: int = 2
 def evaluate_model(model: Model, samples: int = 10000, seed: int = 0, classifier_path=None,
                    test=None) -> dict:
     """Reconstruction MSE, mean KL, FID and precision/recall of ``model`` against the test split."""
+    if tuple(model.config.get("image_shape", (1, 28, 28))) != (1, 28, 28):
+        raise ValueError(f"evaluate measures against Fashion-MNIST's test split, 1x28x28 grayscale images; this "
+                         f"model's images are {'x'.join(map(str, model.config['image_shape']))}")
     test = test if test is not None else load_fashion_mnist("test")
     images = test.images.to(model.device, model.dtype)
     result = {"mode": model.config["mode"], "step": model.step, "test_images": len(test)}
