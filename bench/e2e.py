@@ -193,14 +193,14 @@ def _is_op(name: str) -> bool:
 
 def routed_saved_bytes(model: Model, x) -> int:
     """Bytes the routed step keeps from its forward pass for its backward streams (it uses no autograd)."""
-    from vaegan_fast.step import routed_step_gradients
+    from vaegan_fast.step import step_gradients
     from vaegan_fast.model import PRECISIONS
     memory = {}
     m = copy.deepcopy(model)
     compute = PRECISIONS[m.config["precision"]] or x.dtype  # as train_step computes
     with torch.no_grad():
         eps, z_prior = m._draw_noise(x.shape[0], 2, compute)
-        routed_step_gradients(m, x.to(compute), eps, z_prior, memory=memory)
+        step_gradients(m, x.to(compute), eps, z_prior, memory=memory)
     return memory["saved_bytes"]
 
 

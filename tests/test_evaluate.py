@@ -14,7 +14,7 @@ from vaegan_fast.data import FASHION_MNIST_DIR, FASHION_MNIST_INSTALL, ImageData
 from vaegan_fast.evaluate import (CLASSIFIER_PATH, FashionClassifier, evaluate_model, features,
                                   load_classifier)
 from vaegan_fast.metrics import frechet_distance
-from vaegan_fast.nn.networks import MLPDiscriminator, MLPEncoder
+from vaegan_fast.nn.networks import mlp_networks
 
 needs_data = pytest.mark.skipif(not (FASHION_MNIST_DIR / "t10k-images-idx3-ubyte.gz").exists(),
                                 reason=f"Fashion-MNIST is not installed in {FASHION_MNIST_DIR} "
@@ -133,8 +133,9 @@ def test_real_data_scores_best():
     test = ImageDataset(real.images[:1000], (28, 28))
 
     def replaying(images):
-        return Model(input_dim=784, mode="gan", encoder=MLPEncoder(784, (8,), 4), decoder=_Replay(images),
-                     discriminator=MLPDiscriminator(784, (8,)))
+        encoder, _, discriminator = mlp_networks((1, 28, 28), 4, (8,), (8,), (8,), "leaky_relu", 0.2, -1, "auto")
+        return Model(input_dim=784, mode="gan", encoder=encoder, decoder=_Replay(images),
+                     discriminator=discriminator)
 
     as_real = evaluate_model(replaying(real.images[5000:6000]), samples=1000, test=test)
     as_noise = evaluate_model(replaying(torch.rand(1000, 784)), samples=1000, test=test)

@@ -1,7 +1,8 @@
-"""The routed step's image head (vaegan_fast/ops/image_head.py) on every backend against the fp64 reference.
+"""The training step's image head (vaegan_fast/ops/image_head.py) on every backend against the fp64 reference.
 
 Forward: images = sigmoid(logits) written into the caller's buffer, and the pixel BCE term of the
-reconstruction rows; backward: the gradients at the decoder's logits and at its reconstruction rows.
+reconstruction rows; backward: the gradients at the decoder's logits and at its reconstruction rows, with the
+generator's gradient on [prior] or [prior; rec] rows and the feature term's on [rec] or [prior; rec].
 Tolerances are tests/numerics.py's (fp32 against fp64; bf16 within twice eager bf16's error).
 """
 import pytest
@@ -22,17 +23,21 @@ def _inputs(batch, pixels, dtype):
     logits.view(-1)[::7] *= 10  # saturated logits, where a naive log(sigmoid) would lose everything
     x = torch.rand(batch, pixels, dtype=torch.float64)
     g_fake = 1e-2 * torch.randn(2 * batch, pixels, dtype=torch.float64)
-    u_rec = 1e-2 * torch.randn(batch, pixels, dtype=torch.float64)
+    u_rec = 1e-2 * torch.randn(2 * batch, pixels, dtype=torch.float64)
     return [t.to(dtype) for t in (logits, x, g_fake, u_rec)]
 
 
-def _run(backend, logits, x, g_fake, u_rec, with_pixel, recon_as_fake, gamma=0.7):
+def _run(backend, logits, x, g_fake, u, with_pixel, recon_as_fake, u_has_prior=False, gamma=0.7, images_in=None):
+    """(images, pixel, dec_up, enc_up); the backward reads ``images_in`` when given (else the forward's)."""
     batch = x.shape[0]
     images = torch.empty_like(logits)
     pixel = image_head_forward(logits, x, images, with_pixel, backend)
+    if images_in is not None:
+        images = images_in
     g = g_fake if recon_as_fake else g_fake[:batch].contiguous()
+    u = u if u_has_prior else u[batch:].contiguous()
     factor = 1.3 / batch if with_pixel else 0.0
-    dec_up, enc_up = image_head_backward(images, x, g, u_rec, gamma, factor, recon_as_fake, None, backend)
+    dec_up, enc_up = image_head_backward(images, x, g, u, gamma, factor, recon_as_fake, u_has_prior, None, backend)
     return images, pixel, dec_up, enc_up
 
 
@@ -41,11 +46,19 @@ def _run(backend, logits, x, g_fake, u_rec, with_pixel, recon_as_fake, gamma=0.7
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
 @pytest.mark.parametrize("with_pixel", [True, False], ids=["pixel", "no-pixel"])
 @pytest.mark.parametrize("recon_as_fake", [True, False], ids=["recon-fake", "recon-real"])
-def test_matches_fp64_reference(backend, dtype, shape, with_pixel, recon_as_fake):
+@pytest.mark.parametrize("u_has_prior", [False, True], ids=["u-rec", "u-all"])
+def test_matches_fp64_reference(backend, dtype, shape, with_pixel, recon_as_fake, u_has_prior):
     inputs = _inputs(*shape, dtype)
-    got = _run(backend, *inputs, with_pixel, recon_as_fake)
-    truth = _run("reference", *[t.double() for t in inputs], with_pixel, recon_as_fake)
-    eager = _run("reference", *inputs, with_pixel, recon_as_fake) if dtype != torch.float32 else [None] * 4
+    got = _run(backend, *inputs, with_pixel, recon_as_fake, u_has_prior)
+    truth = _run("reference", *[t.double() for t in inputs], with_pixel, recon_as_fake, u_has_prior)
+    eager = _run("reference", *inputs, with_pixel, recon_as_fake, u_has_prior) if dtype != torch.float32 else [None] * 4
+    # The backward is a function of the images it is given: its truth takes the same (rounded) images, as
+    # s' = s (1 - s) of a rounded s near 1 carries the rounding of s, whoever computes it.
+    backward_truth = _run("reference", *[t.double() for t in inputs], with_pixel, recon_as_fake, u_has_prior,
+                          images_in=got[0].double())
+    truth = truth[:2] + backward_truth[2:]
+    if eager[0] is not None:
+        eager = eager[:2] + _run("reference", *inputs, with_pixel, recon_as_fake, u_has_prior, images_in=got[0])[2:]
     for name, a, t, e in zip(("images", "pixel", "dec_up", "enc_up"), got, truth, eager):
         if t is None:
             assert a is None, f"{name}: expected no pixel term"
@@ -57,12 +70,13 @@ def test_matches_fp64_reference(backend, dtype, shape, with_pixel, recon_as_fake
 @pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "native"])
 def test_loss_scale_multiplies_the_pixel_gradient_on_the_device(backend):
     """fp16's loss scale S, a device tensor, scales the pixel term's gradient (and nothing else)."""
-    logits, x, g_fake, u_rec = _inputs(5, 11, torch.float32)
+    logits, x, g_fake, u = _inputs(5, 11, torch.float32)
+    u_rec = u[5:].contiguous()
     images = torch.sigmoid(logits)
     scale = torch.tensor(1024.0)
-    plain = image_head_backward(images, x, g_fake, u_rec, 0.7, 0.2, True, None, backend)
-    scaled = image_head_backward(images, x, g_fake, u_rec, 0.7, 0.2 * 1024.0, True, None, backend)
-    got = image_head_backward(images, x, g_fake, u_rec, 0.7, 0.2, True, scale, backend)
+    plain = image_head_backward(images, x, g_fake, u_rec, 0.7, 0.2, True, False, None, backend)
+    scaled = image_head_backward(images, x, g_fake, u_rec, 0.7, 0.2 * 1024.0, True, False, None, backend)
+    got = image_head_backward(images, x, g_fake, u_rec, 0.7, 0.2, True, False, scale, backend)
     for a, want, other in zip(got, scaled, plain):
         torch.testing.assert_close(a, want, rtol=1e-6, atol=1e-7)
         assert not torch.allclose(a, other)
@@ -86,12 +100,12 @@ def test_native_does_not_depend_on_thread_count(threads):
 
 @pytest.mark.skipif("native" not in BACKENDS, reason="the native library is not built")
 def test_native_refuses_mismatched_inputs():
-    logits, x, g_fake, u_rec = _inputs(4, 9, torch.float32)
+    logits, x, g_fake, u = _inputs(4, 9, torch.float32)
     images = torch.empty_like(logits)
-    with pytest.raises(RuntimeError, match="x must be a contiguous \\[4, 9\\]"):
+    with pytest.raises(RuntimeError, match="x must be"):
         image_head_forward(logits, x[:3], images, True, "native")
-    with pytest.raises(RuntimeError, match="u_rec must be a contiguous \\[4, 9\\]"):
-        image_head_backward(images, x, g_fake, u_rec[:, :8], 1.0, 0.1, True, None, "native")
+    with pytest.raises(RuntimeError, match="u must be"):
+        image_head_backward(images, x, g_fake, u[4:, :8], 1.0, 0.1, True, False, None, "native")
     with pytest.raises(TypeError, match="float16"):
         image_head_forward(logits.half(), x.half(), images.half(), True, "native")
 
@@ -107,7 +121,8 @@ def test_reference_writes_the_images_into_the_given_buffer():
 
 def test_reference_backward_is_the_chain_rule_through_the_sigmoid():
     """dec_up and enc_up are the autograd gradients of <g, s(l)> + gamma <u, s(l_rec)> + c BCE(l_rec, x)."""
-    logits, x, g_fake, u_rec = _inputs(3, 5, torch.float64)
+    logits, x, g_fake, u = _inputs(3, 5, torch.float64)
+    u_rec = u[3:]
     gamma, c = 0.7, 0.4
     l = logits.clone().requires_grad_(True)
     s = torch.sigmoid(l)
@@ -117,6 +132,7 @@ def test_reference_backward_is_the_chain_rule_through_the_sigmoid():
     (enc_truth,) = torch.autograd.grad((u_rec * torch.sigmoid(l2[3:])).sum()
                                        + c * torch.nn.functional.binary_cross_entropy_with_logits(
                                            l2[3:], x, reduction="sum"), l2)
-    dec_up, enc_up = image_head_backward_reference(torch.sigmoid(logits), x, g_fake, u_rec, gamma, c, True, None)
+    dec_up, enc_up = image_head_backward_reference(torch.sigmoid(logits), x, g_fake, u_rec, gamma, c, True, False,
+                                                   None)
     torch.testing.assert_close(dec_up, dec_truth, rtol=1e-12, atol=1e-15)
     torch.testing.assert_close(enc_up, enc_truth[3:], rtol=1e-12, atol=1e-15)

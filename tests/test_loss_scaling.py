@@ -136,11 +136,11 @@ def test_bad_loss_scale_options_are_refused_by_name(options, error, message):
 
 def test_auto_passes_fp16_work_past_the_native_backend():
     cpu = torch.device("cpu")
-    native = "native" in _dispatch.available_backends(cpu, "dense_forward")
-    assert _dispatch.resolve("dense_forward", "auto", cpu, torch.float16)[0] == "reference"
-    assert _dispatch.resolve("dense_forward", "auto", cpu, torch.float32)[0] == ("native" if native else "reference")
+    native = "native" in _dispatch.available_backends(cpu, "layer_forward")
+    assert _dispatch.resolve("layer_forward", "auto", cpu, torch.float16)[0] == "reference"
+    assert _dispatch.resolve("layer_forward", "auto", cpu, torch.float32)[0] == ("native" if native else "reference")
     if native:
         with pytest.raises(TypeError, match="torch.float16"):
-            _dispatch.resolve("dense_forward", "native", cpu, torch.float16)
+            _dispatch.resolve("layer_forward", "native", cpu, torch.float16)
     model = fp16_model()  # backend="auto"
     assert all(torch.isfinite(v).all() for v in model.train_step(batch()).values())

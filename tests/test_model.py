@@ -246,7 +246,7 @@ def test_check_inputs_can_be_switched_off_for_the_fastest_step():
 def test_presets_have_the_documented_sizes():
     seed = Model.preset("seed")
     assert [l.weight.shape[1] for l in seed.discriminator.net.layers] == [784, 128, 64, 32]
-    assert seed.encoder.head.weight.shape == (32, 32)  # [mu; logvar] for latent 16
+    assert seed.encoder.net.layers[-1].weight.shape == (32, 32)  # [mu; logvar] for latent 16
     wide = Model.preset("wide", gamma=0.5)
     assert [tuple(l.weight.shape) for l in wide.decoder.net.layers] == [(512, 128), (1024, 512), (784, 1024)]
     assert wide.config["gamma"] == 0.5
@@ -270,7 +270,7 @@ def test_public_helpers_shapes_and_ranges():
 def test_logvar_is_clamped_by_the_encoder():
     model = small_model()
     with torch.no_grad():
-        model.encoder.head.bias[3:] = 1e4
+        model.encoder.net.layers[-1].bias[3:] = 1e4
     _, logvar = model.encode(batch())
     assert logvar.max().item() == vaegan_fast.nn.LOGVAR_MAX
 
@@ -417,7 +417,7 @@ def test_a_nan_gamma_can_no_longer_poison_the_weights():
 
 
 @pytest.mark.parametrize("layout", ["transposed", "sliced", "expanded rows"])
-@pytest.mark.parametrize("backend", vaegan_fast.ops.available_backends("cpu", "dense_forward"))
+@pytest.mark.parametrize("backend", vaegan_fast.ops.available_backends("cpu", "layer_forward"))
 def test_every_backend_accepts_a_strided_batch_with_the_bits_of_its_contiguous_copy(backend, layout):
     x = batch()
     strided = {"transposed": x.t().contiguous().t(), "sliced": torch.cat([x, x], 1)[:, ::2],

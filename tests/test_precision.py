@@ -8,12 +8,12 @@ import torch
 from vaegan_fast import Model
 from vaegan_fast.model import NETWORKS
 from vaegan_fast.ops import available_backends
-from vaegan_fast.step import routed_step_gradients
+from vaegan_fast.step import step_gradients
 from vaegan_fast.testing import mismatch
 
 SIZES = dict(input_dim=33, latent_dim=5, encoder_hidden=(24, 17), decoder_hidden=(17, 24),
              discriminator_hidden=(19, 11))
-CPU_BACKENDS = [b for b in ("reference", "native") if b in available_backends("cpu", "dense_forward")]
+CPU_BACKENDS = [b for b in ("reference", "native") if b in available_backends("cpu", "layer_forward")]
 
 
 def fixed_noise(model, eps, z_prior):
@@ -27,11 +27,11 @@ def test_bf16_gradients_are_within_twice_eager_bf16_error(backend):
     model = Model(**SIZES, backend=backend, precision="bf16")
     x, eps, z_prior = torch.rand(16, 33), torch.randn(16, 5), torch.randn(16, 5)
     truth_model = copy.deepcopy(model).double()
-    truth, _ = routed_step_gradients(truth_model, x.double(), eps.double(), z_prior.double())
+    truth, _ = step_gradients(truth_model, x.double(), eps.double(), z_prior.double())
     eager_model = fixed_noise(copy.deepcopy(model).to(torch.bfloat16), eps, z_prior)
     eager_model.config["backend"] = "reference"
     eager = eager_model.routed_gradients(eager_model.losses(x.to(torch.bfloat16)))  # three-grad step in bf16
-    ours, _ = routed_step_gradients(model, x.to(torch.bfloat16), eps.to(torch.bfloat16),
+    ours, _ = step_gradients(model, x.to(torch.bfloat16), eps.to(torch.bfloat16),
                                     z_prior.to(torch.bfloat16))
     for name in NETWORKS:
         for i, (got, want, low) in enumerate(zip(ours[name], truth[name], eager[name])):
@@ -45,13 +45,13 @@ def test_fp16_scaled_gradients_are_within_twice_eager_fp16_autocast_error(backen
     model = Model(**SIZES, backend=backend, precision="fp16")
     x, eps, z_prior = torch.rand(16, 33), torch.randn(16, 5), torch.randn(16, 5)
     scale = torch.tensor(2.0 ** 10)  # large enough to matter, small enough that nothing overflows here
-    truth, _ = routed_step_gradients(copy.deepcopy(model).double(), x.double(), eps.double(), z_prior.double())
+    truth, _ = step_gradients(copy.deepcopy(model).double(), x.double(), eps.double(), z_prior.double())
     eager_model = fixed_noise(copy.deepcopy(model), eps, z_prior)
     eager_model.backend = "reference"
     with torch.autocast("cpu", dtype=torch.float16):  # torch.amp's recipe: autocast, then grad of S * loss
         losses = eager_model.losses(x)
     eager = eager_model.routed_gradients(losses, loss_scale=scale)
-    ours, _ = routed_step_gradients(model, x.half(), eps, z_prior.half(), loss_scale=scale)
+    ours, _ = step_gradients(model, x.half(), eps, z_prior.half(), loss_scale=scale)
     for name in NETWORKS:
         for i, (got, want, low) in enumerate(zip(ours[name], truth[name], eager[name])):
             assert got.dtype == torch.float16
@@ -66,10 +66,10 @@ def test_without_the_loss_scale_small_fp16_gradients_vanish():
     with torch.no_grad():
         model.discriminator.net.layers[-1].weight.mul_(1e-3)
     x, eps, z_prior = torch.rand(64, 33), torch.randn(64, 5), torch.randn(64, 5)
-    truth, _ = routed_step_gradients(copy.deepcopy(model).double(), x.double(), eps.double(), z_prior.double())
+    truth, _ = step_gradients(copy.deepcopy(model).double(), x.double(), eps.double(), z_prior.double())
 
     def worst_relative_error(loss_scale):
-        ours, _ = routed_step_gradients(model, x.half(), eps, z_prior.half(), loss_scale=loss_scale)
+        ours, _ = step_gradients(model, x.half(), eps, z_prior.half(), loss_scale=loss_scale)
         unscale = 1.0 if loss_scale is None else 1.0 / float(loss_scale)
         return max(((got.double() * unscale - want).abs().max() / want.abs().max()).item()
                    for got, want in zip(ours["decoder"], truth["decoder"]))

@@ -8,7 +8,7 @@ import torch
 from vaegan_fast import Model
 from vaegan_fast.model import NETWORKS
 from vaegan_fast.ops import available_backends
-from vaegan_fast.step import routed_step_gradients, step_flops
+from vaegan_fast.step import step_flops, step_gradients
 
 SIZES = dict(input_dim=21, latent_dim=4, encoder_hidden=(13, 9), decoder_hidden=(9, 13),
              discriminator_hidden=(12, 8, 6))
@@ -23,12 +23,12 @@ def three_grad_and_routed(model, x):
     model._rng().set_state(gen_state)
     eps = torch.randn(x.shape[0], model.config["latent_dim"], generator=model._rng(), dtype=x.dtype)
     z_prior = torch.randn(eps.shape, generator=model._rng(), dtype=x.dtype)
-    routed, losses = routed_step_gradients(model, x, eps, z_prior)
+    routed, losses = step_gradients(model, x, eps, z_prior)
     return reference, routed, losses
 
 
 # fp64 runs on the CPU backends (the Triton backend's step is checked by tests/test_triton_model.py).
-CPU_BACKENDS = [b for b in ("reference", "native") if b in available_backends("cpu", "dense_forward")]
+CPU_BACKENDS = [b for b in ("reference", "native") if b in available_backends("cpu", "layer_forward")]
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -37,7 +37,7 @@ def test_routed_gradients_equal_the_three_grad_step(options, backend):
     model = Model(**SIZES, **options, activation="leaky_relu", backend=backend).double()
     x = torch.rand(7, 21, dtype=torch.float64)
     with torch.no_grad():  # push some logvars into the clamp so its gradient mask is exercised
-        model.encoder.head.bias[4:6] = torch.tensor([40.0, -40.0], dtype=torch.float64)
+        model.encoder.net.layers[-1].bias[4:6] = torch.tensor([40.0, -40.0], dtype=torch.float64)
     reference, routed, losses = three_grad_and_routed(model, x)
     for name in NETWORKS:
         assert len(routed[name]) == len(reference[name])

@@ -1,20 +1,24 @@
 """vaegan_fast.Model: the VAE-GAN of Larsen et al. (2016) with correctly routed updates.
 
 One training step on a batch x (see shared docs/vaegan.md, the specification):
-    mu, logvar = Enc(x);  z, kl = reparam_kl(mu, logvar);  x_rec = Dec(z);  x_p = Dec(z_p), z_p ~ N(0, I)
+    mu, logvar = Enc(x);  z, kl = reparam_kl(mu, logvar);  x_p = Dec(z_p), z_p ~ N(0, I);  x_rec = Dec(z)
     s, D_l = Dis([x; sigmoid(x_rec); sigmoid(x_p)])             (one discriminator pass over all three)
-    prior  = mean kl                     llike = feature_recon_loss(D_l(x), D_l(x_rec))
-    pixel  = sum BCE(x, x_rec) / B       L_D = discriminator_loss(s(x), s(x_p) [, s(x_rec)])
-    L_G    = generator_loss(s(x_p) [, s(x_rec)])
-    encoder:       prior + llike + pixel_weight * pixel
-    decoder:       gamma * llike + L_G + pixel_weight * pixel
-    discriminator: L_D
-Each network's gradient comes from its own loss alone (one torch.autograd.grad per network, all taken
-before any parameter changes), then each optimizer steps.
+    kl    = mean kl                      llike = feature_recon_loss(D_l(x), D_l(x_rec))
+    pixel = sum BCE(x, x_rec) / B        disc  = discriminator_loss(s(x), s(x_p) [, s(x_rec)])
+    generator = generator_loss(s(x_p) [, s(x_rec)])
+and each network's loss combines them as vaegan_fast.step.plan.LOSSES says (encoder kl + llike +
+pixel_weight pixel, decoder gamma llike + generator + pixel_weight pixel, discriminator disc). Each network's
+gradient comes from its own loss alone, all taken before any parameter changes, then each optimizer steps.
+The decoder decodes the prior samples first: with a batch norm in the decoder the two calls update its
+running averages in the order the training step's plan uses.
 
-The same class trains the two ablations a VAE-GAN is judged against (``mode=``):
-    "vae": encoder prior + pixel_weight * pixel, decoder pixel_weight * pixel; no discriminator;
-    "gan": decoder L_G and discriminator L_D on real data and prior samples only; no encoder.
+The same class trains the two ablations a VAE-GAN is judged against (``mode=``): "vae" (encoder and
+decoder: KL and the pixel likelihood, no discriminator) and "gan" (decoder and discriminator on real data and
+prior samples, no encoder).
+
+Networks built from the fused layers (the built-in architectures, or your own vaegan_fast.nn programs) train
+through the planned step (vaegan_fast/step/), which forms each vector-Jacobian product once; other modules
+train through autograd with the same routing.
 """
 from __future__ import annotations
 
@@ -31,30 +35,39 @@ from torch import nn
 
 from . import checkpoint
 from .loss_scale import DynamicLossScale, loss_scale_options
-from .nn import FusedLinear, MLPDecoder, MLPDiscriminator, MLPEncoder
+from .nn import networks as builtin
+from .nn.layers import FUSED_LAYERS
 from .optim import apply_updates
 from .ops import discriminator_loss, feature_recon_loss, generator_loss, reparam_kl, softplus
-from .step import routed_step_gradients
+from .step import RoutedStep
+from .step.plan import LOSSES, loss_weights
 
 NETWORKS = ("encoder", "decoder", "discriminator")
 # The networks each mode trains.
-MODES = {"vaegan": NETWORKS, "vae": ("encoder", "decoder"), "gan": ("decoder", "discriminator")}
+MODES = {mode: tuple(n for n in NETWORKS if n in LOSSES[mode]) for mode in LOSSES}
 OPTIMIZERS = {"adam": torch.optim.Adam, "rmsprop": torch.optim.RMSprop}
 # The dtype the step computes in; parameters, optimizer states and updates stay in the parameters' dtype.
 # fp16 adds dynamic loss scaling (vaegan_fast/loss_scale.py).
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 CHECKPOINT_FORMAT = "vaegan_fast/1"
 
+MLP_DEFAULTS = dict(encoder_hidden=(128, 64, 32), decoder_hidden=(32, 64, 128), discriminator_hidden=(128, 64, 32),
+                    activation="leaky_relu", negative_slope=0.2)
 PRESETS = {
-    # The sizes of the foundation's MLP VAE-GAN; batch 256 recommended. The MLP presets size their input to
-    # the images (image_shape, default Fashion-MNIST's (1, 28, 28)): RGB 28x28 gives input_dim 2352.
-    "seed": dict(latent_dim=16, encoder_hidden=(128, 64, 32), decoder_hidden=(32, 64, 128),
+    # The foundation's MLPs (batch 256), sized to the images (image_shape, default Fashion-MNIST's (1, 28, 28)).
+    "seed": dict(architecture="mlp", latent_dim=16, encoder_hidden=(128, 64, 32), decoder_hidden=(32, 64, 128),
                  discriminator_hidden=(128, 64, 32)),
-    # enc 784-1024-512, latent 128, dec 128-512-1024-784, disc 784-1024-512-1; batch 512 recommended.
-    "wide": dict(latent_dim=128, encoder_hidden=(1024, 512), decoder_hidden=(512, 1024),
+    # enc 784-1024-512, latent 128, dec 128-512-1024-784, disc 784-1024-512-1 on 28x28 (batch 512).
+    "wide": dict(architecture="mlp", latent_dim=128, encoder_hidden=(1024, 512), decoder_hidden=(512, 1024),
                  discriminator_hidden=(1024, 512)),
+    # Two conv blocks per network for Fashion-MNIST (vaegan_fast.nn.networks.conv_networks; batch 64); D_l is
+    # the discriminator's second conv block.
+    "conv": dict(architecture="conv", latent_dim=32, image_shape=(1, 28, 28), feature_layer=1),
+    # Larsen et al.'s networks for 64x64 RGB (batch 64); D_l is the fourth conv before its batch norm.
+    "larsen64": dict(architecture="larsen64", latent_dim=128, image_shape=(3, 64, 64), feature_layer=3,
+                     feature_point="pre_norm"),
 }
-RECOMMENDED_BATCH = {"seed": 256, "wide": 512}
+RECOMMENDED_BATCH = {"seed": 256, "wide": 512, "conv": 64, "larsen64": 64}
 
 # The configuration of the straightforward eager baseline in bench/: what comparisons run.
 BASELINE_OPTIONS = dict(gamma=1.0, pixel_weight=0.0, recon_as_fake=True, saturating=False, gating=False,
@@ -130,25 +143,29 @@ def _per_network(name: str, value) -> dict:
 class Model(nn.Module):
     """A VAE-GAN: encoder, decoder (= generator) and discriminator, with their losses and optimizers.
 
-    Built-in MLP networks are made from the size arguments; pass ``encoder``, ``decoder`` and
-    ``discriminator`` modules to use your own (see vaegan_fast.nn.networks for the contract).
+    ``architecture`` builds the networks: "mlp" (from the size arguments), "conv" or "larsen64" (fixed layers
+    for ``image_shape``; see vaegan_fast.nn.networks). Or pass ``encoder``, ``decoder`` and ``discriminator``
+    modules: programs of vaegan_fast.nn layers train through the planned step, other modules through autograd
+    (see vaegan_fast.nn.networks for the contract).
     """
 
     def __init__(self, input_dim: Optional[int] = None, latent_dim: int = 16,
-                 encoder_hidden: Sequence[int] = (128, 64, 32), decoder_hidden: Sequence[int] = (32, 64, 128),
-                 discriminator_hidden: Sequence[int] = (128, 64, 32), activation: str = "leaky_relu",
-                 negative_slope: float = 0.2, *, gamma: float = 1.0, pixel_weight: float = 1.0,
+                 encoder_hidden: Optional[Sequence[int]] = None, decoder_hidden: Optional[Sequence[int]] = None,
+                 discriminator_hidden: Optional[Sequence[int]] = None, activation: Optional[str] = None,
+                 negative_slope: Optional[float] = None, *, gamma: float = 1.0, pixel_weight: float = 1.0,
                  recon_as_fake: bool = True, saturating: bool = False, gating: bool = False,
                  equilibrium: float = 0.68, margin: float = 0.35, feature_layer: int = -1,
-                 optimizer: str = "adam", lr=2e-4, betas=(0.5, 0.999), backend: str = "auto",
-                 check_inputs: bool = True, seed: int = 0, mode: str = "vaegan", precision: str = "fp32",
-                 loss_scale: Optional[dict] = None, encoder: Optional[nn.Module] = None,
+                 feature_point: str = "output", optimizer: str = "adam", lr=2e-4, betas=(0.5, 0.999),
+                 backend: str = "auto", check_inputs: bool = True, seed: int = 0, mode: str = "vaegan",
+                 precision: str = "fp32", loss_scale: Optional[dict] = None, encoder: Optional[nn.Module] = None,
                  decoder: Optional[nn.Module] = None, discriminator: Optional[nn.Module] = None,
-                 image_shape: Optional[Sequence[int]] = None):
+                 image_shape: Optional[Sequence[int]] = None, architecture: str = "mlp"):
         super().__init__()
         custom = [m is not None for m in (encoder, decoder, discriminator)]
         if any(custom) and not all(custom):
             raise ValueError("pass all three of encoder, decoder and discriminator, or none of them")
+        if architecture not in builtin.ARCHITECTURES:
+            raise ValueError(f"architecture must be one of {builtin.ARCHITECTURES}, got {architecture!r}")
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {tuple(PRECISIONS)}, got {precision!r}")
         if precision == "fp16":
@@ -162,14 +179,24 @@ class Model(nn.Module):
             raise ValueError(f"mode must be one of {tuple(MODES)}, got {mode!r}")
         if optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {tuple(OPTIMIZERS)}, got {optimizer!r}")
+        mlp_args = dict(encoder_hidden=encoder_hidden, decoder_hidden=decoder_hidden,
+                        discriminator_hidden=discriminator_hidden, activation=activation,
+                        negative_slope=negative_slope)
+        if architecture != "mlp" and not all(custom):
+            given = [k for k, v in mlp_args.items() if v is not None]
+            if given:
+                raise ValueError(f"{', '.join(given)} size the mlp architecture; the {architecture!r} "
+                                 "architecture has fixed layers")
+        mlp_args = {k: MLP_DEFAULTS[k] if v is None else v for k, v in mlp_args.items()}
         input_dim, image_shape = image_shape_of(input_dim, image_shape)
         latent_dim = _count("latent_dim", latent_dim)
-        encoder_hidden = _sizes("encoder_hidden", encoder_hidden)
-        decoder_hidden = _sizes("decoder_hidden", decoder_hidden)
-        discriminator_hidden = _sizes("discriminator_hidden", discriminator_hidden)
+        encoder_hidden = _sizes("encoder_hidden", mlp_args["encoder_hidden"])
+        decoder_hidden = _sizes("decoder_hidden", mlp_args["decoder_hidden"])
+        discriminator_hidden = _sizes("discriminator_hidden", mlp_args["discriminator_hidden"])
+        activation = mlp_args["activation"]
         gamma, pixel_weight = _number("gamma", gamma, minimum=0), _number("pixel_weight", pixel_weight, minimum=0)
         margin, equilibrium = _number("margin", margin, minimum=0), _number("equilibrium", equilibrium)
-        negative_slope = _number("negative_slope", negative_slope)
+        negative_slope = _number("negative_slope", mlp_args["negative_slope"])
         if isinstance(feature_layer, bool) or not isinstance(feature_layer, int):
             raise TypeError(f"feature_layer must be an int, got {type(feature_layer).__name__} {feature_layer!r}")
         seed = _count("seed", seed, minimum=0)
@@ -192,25 +219,31 @@ class Model(nn.Module):
                 raise ValueError(f"{where} must be a pair (beta1, beta2), got {pair!r}")
             betas_per_net[net] = tuple(_number(f"{where}[{i}]", b, minimum=0, below=1) for i, b in enumerate(pair))
         self.config = dict(
-            input_dim=int(input_dim), image_shape=image_shape, latent_dim=int(latent_dim),
-            encoder_hidden=tuple(encoder_hidden),
-            decoder_hidden=tuple(decoder_hidden), discriminator_hidden=tuple(discriminator_hidden),
-            activation=activation, negative_slope=float(negative_slope), gamma=float(gamma),
-            pixel_weight=float(pixel_weight), recon_as_fake=bool(recon_as_fake), saturating=bool(saturating),
-            gating=bool(gating), equilibrium=float(equilibrium), margin=float(margin),
-            feature_layer=int(feature_layer), optimizer=optimizer, lr=lrs, betas=betas_per_net, backend=backend,
-            check_inputs=bool(check_inputs), seed=int(seed), mode=mode, precision=precision,
-            loss_scale=loss_scale, custom_networks=all(custom))
+            architecture=architecture, input_dim=int(input_dim), image_shape=image_shape, latent_dim=latent_dim,
+            encoder_hidden=encoder_hidden, decoder_hidden=decoder_hidden, discriminator_hidden=discriminator_hidden,
+            activation=activation, negative_slope=negative_slope, gamma=gamma, pixel_weight=pixel_weight,
+            recon_as_fake=recon_as_fake, saturating=saturating, gating=gating, equilibrium=equilibrium,
+            margin=margin, feature_layer=int(feature_layer), feature_point=feature_point, optimizer=optimizer,
+            lr=lrs, betas=betas_per_net, backend=backend, check_inputs=check_inputs, seed=seed, mode=mode,
+            precision=precision, loss_scale=loss_scale, custom_networks=all(custom))
 
         if all(custom):
             self.encoder, self.decoder, self.discriminator = encoder, decoder, discriminator
         else:
-            kw = dict(activation=activation, negative_slope=negative_slope, backend=backend)
             with torch.random.fork_rng(devices=[]):  # initial weights from the model's seed alone
                 torch.manual_seed(seed)
-                self.encoder = MLPEncoder(input_dim, encoder_hidden, latent_dim, **kw)
-                self.decoder = MLPDecoder(latent_dim, decoder_hidden, input_dim, **kw)
-                self.discriminator = MLPDiscriminator(input_dim, discriminator_hidden, feature_layer, **kw)
+                if architecture == "mlp":
+                    nets = builtin.mlp_networks(image_shape, latent_dim, encoder_hidden, decoder_hidden,
+                                                discriminator_hidden, activation, negative_slope, feature_layer,
+                                                backend)
+                elif architecture == "conv":
+                    if feature_point != "output":
+                        raise ValueError("the conv architecture's feature layers have no norm before the tap: "
+                                         "use feature_point='output'")
+                    nets = builtin.conv_networks(image_shape, latent_dim, feature_layer, backend)
+                else:
+                    nets = builtin.larsen64_networks(image_shape, latent_dim, feature_layer, feature_point, backend)
+                self.encoder, self.decoder, self.discriminator = nets
 
         opt_cls = OPTIMIZERS[optimizer]
         self.optimizers = {}
@@ -230,11 +263,12 @@ class Model(nn.Module):
         self.step = 0
         self._generator: Optional[torch.Generator] = None
         self.data_parallel = None  # a vaegan_fast.distributed.DataParallel once enable_data_parallel() ran
+        self._routed = RoutedStep(self) if self.uses_routed_step else None
 
     # ----------------------------------------------------------------------------------------- building
     @classmethod
     def preset(cls, name: str, **overrides) -> "Model":
-        """``Model.preset("seed")`` or ``Model.preset("wide")``, with any keyword overridden."""
+        """``Model.preset("seed" | "wide" | "conv" | "larsen64")``, with any keyword overridden."""
         if name not in PRESETS:
             raise ValueError(f"preset must be one of {tuple(PRESETS)}, got {name!r}")
         return cls(**{**PRESETS[name], **overrides})
@@ -248,15 +282,23 @@ class Model(nn.Module):
         return next(self.parameters()).dtype
 
     @property
+    def input_shape(self) -> tuple:
+        """The per-sample shape of a batch: (C*H*W,) for the mlp architecture and custom networks,
+        (C, H, W) for the convolutional ones."""
+        if self.config["architecture"] == "mlp" or self.config["custom_networks"]:
+            return (self.config["input_dim"],)
+        return tuple(self.config["image_shape"])
+
+    @property
     def backend(self) -> str:
         return self.config["backend"]
 
     @backend.setter
     def backend(self, backend: str) -> None:
-        """Switch the backend of the built-in networks and the losses (custom networks keep their own)."""
+        """Switch the backend of the fused layers and the losses (other custom modules keep their own)."""
         self.config["backend"] = backend
         for module in self.modules():
-            if isinstance(module, FusedLinear):
+            if isinstance(module, FUSED_LAYERS):
                 module.backend = backend
 
     def parameters_of(self, network: str) -> list:
@@ -303,15 +345,20 @@ class Model(nn.Module):
             raise TypeError(f"x must be a torch.Tensor of pixel values, got {type(x).__name__}")
         if not x.is_floating_point():
             raise TypeError(f"x must be a floating-point tensor of pixel values in [0, 1], got dtype {x.dtype}")
-        width = self.config["input_dim"]
-        if x.dim() != 2:
-            raise ValueError(f"x must be 2-D [batch, {width}], got shape {tuple(x.shape)}")
+        shape = self.input_shape
+        want = f"[batch, {', '.join(map(str, shape))}]"
+        c, h, w = self.config["image_shape"]
+        what = (f"images of {c}x{h}x{w} [channels x height x width], flattened" if len(shape) == 1
+                else "[channels, height, width]")
+        if x.dim() != 1 + len(shape):
+            raise ValueError(f"x must be {1 + len(shape)}-D {want} ({what}), got shape {tuple(x.shape)}")
         if x.shape[0] == 0:
             raise ValueError(f"x must hold at least one row, got shape {tuple(x.shape)}")
-        if x.shape[1] != width:
-            c, h, w = self.config["image_shape"]
-            raise ValueError(f"x must have {width} features per row (the model's input_dim: images of {c}x{h}x{w} "
-                             f"[channels x height x width], flattened), got {x.shape[1]}")
+        if tuple(x.shape[1:]) != shape:
+            if len(shape) == 1:
+                raise ValueError(f"x must have {shape[0]} features per row (the model's input_dim: {what}), "
+                                 f"got {x.shape[1]}")
+            raise ValueError(f"x must be {want} ({what}), got shape {tuple(x.shape)}")
         if x.device != self.device:
             raise ValueError(f"x is on {x.device} but the model is on {self.device}")
         if self.config["check_inputs"]:
@@ -329,96 +376,91 @@ class Model(nn.Module):
         random stream, the weights): a backend that cannot run here is refused by a call that leaves the
         model as it was."""
         from .ops import _dispatch
-        from .ops.dense import FORWARD_OP as DENSE_FORWARD_OP
         compute = PRECISIONS[self.config["precision"]] or dtype
-        if self.uses_routed_step:
-            _dispatch.resolve(DENSE_FORWARD_OP, self.config["backend"], device, compute)
+        if self._routed is not None:
+            self._routed.kernels(device, compute)
         _dispatch.resolve("reparam_kl", self.config["backend"], device, torch.float32
                           if compute in (torch.float16, torch.bfloat16) else compute)
 
     # ----------------------------------------------------------------------------------------- forward
+    @contextlib.contextmanager
+    def _inference(self):
+        """The networks in eval mode (a batch norm uses its running averages), restored afterwards."""
+        modes = [m.training for m in (self.encoder, self.decoder, self.discriminator)]
+        for m in (self.encoder, self.decoder, self.discriminator):
+            m.eval()
+        try:
+            yield
+        finally:
+            for m, mode in zip((self.encoder, self.decoder, self.discriminator), modes):
+                m.train(mode)
+
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.encoder(x)
+        """(mu, logvar) of x, the networks in eval mode (running batch-norm statistics)."""
+        with self._inference():
+            return self.encoder(x)
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """Images in [0, 1]: the sigmoid of the decoder's logits."""
-        return torch.sigmoid(self.decoder(z))
+        """Images in [0, 1]: the sigmoid of the decoder's logits (eval mode)."""
+        with self._inference():
+            return torch.sigmoid(self.decoder(z))
 
     @torch.no_grad()
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
-        """Decode the posterior mean of each row of x."""
-        mu, _ = self.encoder(self._check_batch(x))
+        """Decode the posterior mean of each image of x (eval mode)."""
+        mu, _ = self.encode(self._check_batch(x))
         return self.decode(mu)
 
     @torch.no_grad()
     def sample(self, n: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-        """n images from the prior, [n, input_dim] in [0, 1] (rows of ``config["image_shape"]`` flattened
-        channel-first). Uses torch's RNG, not the training stream."""
+        """n images from the prior in [0, 1], in the model's input shape ([n, C*H*W] for the mlp
+        architecture, flattened channel-first; [n, C, H, W] for the conv ones), eval mode. Uses torch's RNG,
+        not the training stream."""
         if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
             raise ValueError(f"n must be a positive int, got {n!r}")
         z = torch.randn(n, self.config["latent_dim"], generator=generator, device=self.device, dtype=self.dtype)
         return self.decode(z)
 
-    def _pixel_loss(self, rec_logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """Pixel-wise BCE of the reconstruction, from logits, summed over pixels, averaged over the batch."""
-        return F.binary_cross_entropy_with_logits(rec_logits, x, reduction="sum") / x.shape[0]
-
     def _losses(self, x: torch.Tensor) -> dict:
-        mode = self.config["mode"]
-        if mode == "vae":
-            return self._vae_losses(x)
-        if mode == "gan":
-            return self._gan_losses(x)
-        cfg, backend = self.config, self.config["backend"]
+        """The straightforward step's losses through autograd (the specification the planned step equals)."""
+        cfg, backend, mode = self.config, self.config["backend"], self.config["mode"]
         batch = x.shape[0]
-        eps, z_prior = self._draw_noise(batch, 2, x.dtype)
-        mu, logvar = self.encoder(x)
-        z, kl = reparam_kl(mu, logvar, eps, backend=backend)
-        rec_logits = self.decoder(z)
-        prior_logits = self.decoder(z_prior)
-        scores, features = self.discriminator(
-            torch.cat([x, torch.sigmoid(rec_logits), torch.sigmoid(prior_logits)]))
-        s_real, s_rec, s_prior = scores.reshape(3 * batch).split(batch)
-        f_real, f_rec, _ = features.split(batch)
-
-        prior = kl.mean()
-        llike = feature_recon_loss(f_real, f_rec, backend=backend)
-        fakes = (s_prior, s_rec) if cfg["recon_as_fake"] else (s_prior,)
-        disc = discriminator_loss(s_real, *fakes, backend=backend)
-        gen_loss = generator_loss(*fakes, saturating=cfg["saturating"], backend=backend)
-        enc = prior + llike
-        dec = cfg["gamma"] * llike + gen_loss
-        pixel = None
-        if cfg["pixel_weight"] > 0:
-            pixel = self._pixel_loss(rec_logits, x)
-            enc = enc + cfg["pixel_weight"] * pixel
-            dec = dec + cfg["pixel_weight"] * pixel
-        # The equilibrium gate's statistics (detached: they steer, they are not trained on).
-        d_real = softplus(-s_real.detach()).mean()
-        d_fake = softplus(s_prior.detach()).mean()
-        losses = {"encoder": enc, "decoder": dec, "discriminator": disc, "kl": prior, "llike": llike,
-                  "generator": gen_loss, "d_real": d_real, "d_fake": d_fake}
-        if pixel is not None:
-            losses["pixel"] = pixel
-        return losses
-
-    def _vae_losses(self, x: torch.Tensor) -> dict:
-        mu, logvar = self.encoder(x)
-        (eps,) = self._draw_noise(x.shape[0], 1, x.dtype)
-        z, kl = reparam_kl(mu, logvar, eps, backend=self.config["backend"])
-        prior, pixel = kl.mean(), self._pixel_loss(self.decoder(z), x)
-        weighted = self.config["pixel_weight"] * pixel
-        return {"encoder": prior + weighted, "decoder": weighted, "kl": prior, "pixel": pixel}
-
-    def _gan_losses(self, x: torch.Tensor) -> dict:
-        backend, batch = self.config["backend"], x.shape[0]
-        (z_prior,) = self._draw_noise(batch, 1, x.dtype)
-        scores, _ = self.discriminator(torch.cat([x, torch.sigmoid(self.decoder(z_prior))]))
-        s_real, s_prior = scores.reshape(2 * batch).split(batch)
-        gen_loss = generator_loss(s_prior, saturating=self.config["saturating"], backend=backend)
-        return {"decoder": gen_loss, "discriminator": discriminator_loss(s_real, s_prior, backend=backend),
-                "generator": gen_loss, "d_real": softplus(-s_real.detach()).mean(),
-                "d_fake": softplus(s_prior.detach()).mean()}
+        terms, out = {}, {}
+        if mode == "vaegan":
+            eps, z_prior = self._draw_noise(batch, 2, x.dtype)
+        elif mode == "vae":
+            (eps,) = self._draw_noise(batch, 1, x.dtype)
+        else:
+            (z_prior,) = self._draw_noise(batch, 1, x.dtype)
+        if mode != "gan":
+            mu, logvar = self.encoder(x)
+            z, kl = reparam_kl(mu, logvar, eps, backend=backend)
+            terms["kl"] = kl.mean()
+        prior_logits = self.decoder(z_prior) if mode != "vae" else None  # first: see the module docstring
+        rec_logits = self.decoder(z) if mode != "gan" else None
+        if mode != "gan" and cfg["pixel_weight"] > 0:
+            terms["pixel"] = F.binary_cross_entropy_with_logits(rec_logits, x, reduction="sum") / batch
+        if mode != "vae":
+            images = [x, torch.sigmoid(rec_logits), torch.sigmoid(prior_logits)] if mode == "vaegan" else \
+                [x, torch.sigmoid(prior_logits)]
+            scores, features = self.discriminator(torch.cat(images))
+            scores = scores.reshape(len(images) * batch)
+            s_real, s_prior = scores[:batch], scores[-batch:]
+            fakes = (s_prior, scores[batch:2 * batch]) if mode == "vaegan" and cfg["recon_as_fake"] else (s_prior,)
+            terms["disc"] = discriminator_loss(s_real, *fakes, backend=backend)
+            terms["generator"] = generator_loss(*fakes, saturating=cfg["saturating"], backend=backend)
+            if mode == "vaegan":
+                terms["llike"] = feature_recon_loss(features[:batch], features[batch:2 * batch], backend=backend)
+            # The equilibrium gate's statistics (detached: they steer, they are not trained on).
+            out.update(d_real=softplus(-s_real.detach()).mean(), d_fake=softplus(s_prior.detach()).mean())
+        for net, weights in loss_weights(mode, cfg).items():
+            loss = None
+            for term, w in weights.items():
+                part = terms[term] if w == 1.0 else terms[term] * w
+                loss = part if loss is None else loss + part
+            out[net] = loss
+        out.update({k: terms[k] for k in ("kl", "llike", "generator", "pixel") if k in terms})
+        return out
 
     def _autocast(self):
         """torch.autocast in the model's precision (a no-op context for fp32)."""
@@ -428,8 +470,10 @@ class Model(nn.Module):
     def losses(self, x: torch.Tensor) -> dict:
         """The three networks' losses on batch x ("encoder", "decoder", "discriminator") and their parts.
 
-        Draws eps and z_p from the model's training stream, as train_step does. To train with your own
-        optimizers, route each loss to its own network only (never sum them and call backward once):
+        Draws eps and z_p from the model's training stream, as train_step does, and runs the networks in
+        training mode (a batch norm uses the batch's statistics and updates its running averages). To train
+        with your own optimizers, route each loss to its own network only (never sum them and call backward
+        once):
 
             L = model.losses(x)
             for net in ("encoder", "decoder", "discriminator"):
@@ -460,8 +504,8 @@ class Model(nn.Module):
 
     @property
     def uses_routed_step(self) -> bool:
-        """Whether train_step runs the explicit routed step (built-in MLPs, mode "vaegan")."""
-        return not self.config["custom_networks"] and self.config["mode"] == "vaegan"
+        """Whether train_step runs the planned step (networks built from vaegan_fast.nn programs)."""
+        return all(builtin.is_program_network(m) for m in (self.encoder, self.decoder, self.discriminator))
 
     def routed_gradients(self, losses: dict, networks: Sequence[str] = NETWORKS,
                          loss_scale: Optional[torch.Tensor] = None) -> dict:
@@ -475,7 +519,7 @@ class Model(nn.Module):
         return grads
 
     def train_step(self, x: torch.Tensor) -> dict:
-        """One VAE-GAN update of all three networks; returns detached 0-dim tensors on the model's device."""
+        """One VAE-GAN update of the mode's networks; returns detached 0-dim tensors on the model's device."""
         x = self._check_batch(x)
         self._check_backend(x.device, x.dtype)
         dp, scaler = self.data_parallel, self.loss_scaler
@@ -484,25 +528,21 @@ class Model(nn.Module):
             scaler.to(x.device)
             scale = scaler.scale
         grads, pending = None, {}
-        if self.uses_routed_step:
-            # Built-in MLPs: each vector-Jacobian product formed once, without autograd (vaegan_fast/step.py).
+        trained = list(MODES[self.config["mode"]])
+        if self._routed is not None:
             grads, master = {}, self.dtype
-            compute = PRECISIONS[self.config["precision"]] or master
 
             def network_done(name, net_grads):
                 # Low-precision gradients, full-precision master weights and updates. The cast comes before the
                 # all-reduce: a low-precision sum of scaled gradients would overflow sooner.
-                grads[name] = [g.to(master) for g in net_grads] if compute != master else net_grads
+                grads[name] = [g.to(master) if g.dtype != master else g for g in net_grads]
                 if dp is not None:
                     pending[name] = dp.start_average(grads[name])
 
-            eps, z_prior = self._draw_noise(x.shape[0], 2, x.dtype)
-            # Data-parallel training keeps the Python streams, whose per-network callback starts each
+            # Data-parallel training keeps the Python executor, whose per-network callback starts each
             # all-reduce while the rest of the backward runs; otherwise the backend's whole step, if it has one.
-            _, losses = routed_step_gradients(self, x.to(compute), eps, z_prior.to(compute), network_done,
-                                              loss_scale=scale, whole_step=dp is None)
-            if compute != master:
-                losses = {k: v.to(master) for k, v in losses.items()}
+            losses = self._routed(x, scale, network_done, whole_step=dp is None)
+            losses = {k: v.to(master) if v.dtype != master else v for k, v in losses.items()}
         else:
             with self._autocast():
                 losses = self._losses(x)
@@ -512,7 +552,6 @@ class Model(nn.Module):
             report = dict(zip(keys, dp.average_(torch.stack([losses[k].detach() for k in keys])).unbind()))
         else:
             report = losses
-        trained = list(MODES[self.config["mode"]])
         if "d_real" in losses:
             train_disc, train_dec = self.gate_decisions(report["d_real"], report["d_fake"])
         else:
@@ -596,14 +635,18 @@ class Model(nn.Module):
                              f"{', '.join(missing) or 'its model configuration'})")
         config = dict(state["config"])
         custom = config.pop("custom_networks")
+        weights = state["weights"]
+        if "architecture" not in config:  # written before the networks became programs: the MLPs' old keys
+            config["architecture"] = "mlp"
+            weights = _renamed_mlp_weights(weights, len(config["encoder_hidden"]))
         if custom and encoder is None:
             raise ValueError(f"{path} was saved with custom networks: pass encoder=, decoder= and "
                              "discriminator= modules of the same architecture to Model.load")
         if not custom and encoder is not None:
             raise ValueError(f"{path} holds the built-in networks; do not pass custom modules")
         model = cls(**config, encoder=encoder, decoder=decoder, discriminator=discriminator)
-        model.to(state["weights"]["gate_skips"].device)  # where torch.load put the tensors
-        model.load_state_dict(state["weights"])
+        model.to(weights["gate_skips"].device)  # where torch.load put the tensors
+        model.load_state_dict(weights)
         for name, opt in model.optimizers.items():
             opt.load_state_dict(state["optimizers"][name])
         if model.loss_scaler is not None:
@@ -622,3 +665,16 @@ class Model(nn.Module):
             warnings.warn(f"the checkpoint's random stream was on {device_type} and the model is on "
                           f"{gen.device.type}: eps and z_p are reseeded from (seed, step), so the run "
                           "continues correctly but not bit-for-bit as it would have on the original device")
+
+
+def _renamed_mlp_weights(weights: dict, hidden: int) -> dict:
+    """State-dict keys of the MLP networks as they were before they became programs: encoder.body.layers.i and
+    encoder.head (now encoder.net.layers.i and .hidden), decoder/discriminator.net.layers.i (unchanged)."""
+    out = {}
+    for key, value in weights.items():
+        if key.startswith("encoder.body.layers."):
+            key = "encoder.net.layers." + key[len("encoder.body.layers."):]
+        elif key.startswith("encoder.head."):
+            key = f"encoder.net.layers.{hidden}." + key[len("encoder.head."):]
+        out[key] = value
+    return out

@@ -1,5 +1,6 @@
-"""Layers and networks built on vaegan_fast.ops."""
-from .layers import MLP, FusedLinear
-from .networks import LOGVAR_MAX, LOGVAR_MIN, MLPDecoder, MLPDiscriminator, MLPEncoder
+"""Fused layers (vaegan_fast.nn.layers), their specs (spec.py) and the networks built from them (networks.py)."""
+from .layers import Flatten, FusedConv2d, FusedConvTranspose2d, FusedLinear, Unflatten
+from .networks import LOGVAR_MAX, LOGVAR_MIN, Decoder, Discriminator, Encoder, Program
 
-__all__ = ["FusedLinear", "LOGVAR_MAX", "LOGVAR_MIN", "MLP", "MLPDecoder", "MLPDiscriminator", "MLPEncoder"]
+__all__ = ["Decoder", "Discriminator", "Encoder", "Flatten", "FusedConv2d", "FusedConvTranspose2d", "FusedLinear",
+           "LOGVAR_MAX", "LOGVAR_MIN", "Program", "Unflatten"]

@@ -330,22 +330,34 @@ def _(images, x, g_fake, u_rec, gamma, pixel_factor, recon_as_fake):
     return images.new_empty(images.shape), images.new_empty(x.shape)
 
 
+def _flat_rows(t: Tensor) -> Optional[Tensor]:
+    """t as a contiguous [rows, features] view, or None (the kernels read rows of contiguous memory)."""
+    return t.view(t.shape[0], -1) if t.is_contiguous() else None
+
+
 @_dispatch.register("image_head_forward", "native")
 def image_head_forward_native(logits: Tensor, x: Tensor, images: Tensor, with_pixel: bool):
     _check_dtypes(logits=logits, x=x, images=images)
-    pixel = _untracked(_ops.image_head_forward, logits, x, images, with_pixel)
+    flat = [_flat_rows(t) for t in (logits, x, images)]
+    if any(f is None for f in flat) or logits.shape[0] != 2 * x.shape[0]:
+        from .image_head import image_head_forward_reference
+        return image_head_forward_reference(logits, x, images, with_pixel)
+    pixel = _untracked(_ops.image_head_forward, *flat, with_pixel)
     return pixel if with_pixel else None
 
 
 @_dispatch.register("image_head_backward", "native")
-def image_head_backward_native(images: Tensor, x: Tensor, g_fake: Tensor, u_rec: Tensor, gamma: float,
-                               pixel_factor: float, recon_as_fake: bool, scale: Optional[Tensor]):
-    _check_dtypes(images=images, x=x, g_fake=g_fake, u_rec=u_rec)
-    if scale is not None:  # fp16's loss scale: the native kernels take no fp16, so this is never the fast path
+def image_head_backward_native(images: Tensor, x: Tensor, g: Tensor, u: Tensor, gamma: float, pixel_factor: float,
+                               g_has_rec: bool, u_has_prior: bool, scale: Optional[Tensor]):
+    _check_dtypes(images=images, x=x, g=g, u=u)
+    flat = [_flat_rows(t) for t in (images, x, g.contiguous(), u.contiguous())]
+    if scale is not None or u_has_prior or any(f is None for f in flat):
+        # fp16's loss scale (the native kernels take no fp16), u on the prior rows (a norm in the discriminator)
+        # or channels-last images: the reference
         from .image_head import image_head_backward_reference
-        return image_head_backward_reference(images, x, g_fake, u_rec, gamma, pixel_factor, recon_as_fake, scale)
-    return tuple(_untracked(_ops.image_head_backward, images, x, g_fake.contiguous(), u_rec.contiguous(), gamma,
-                            pixel_factor, recon_as_fake))
+        return image_head_backward_reference(images, x, g, u, gamma, pixel_factor, g_has_rec, u_has_prior, scale)
+    dec_up, enc_up = _untracked(_ops.image_head_backward, *flat, gamma, pixel_factor, g_has_rec)
+    return dec_up.view(images.shape), enc_up.view(x.shape)
 
 
 # =========================================================================================================
@@ -389,3 +401,6 @@ def routed_step_native(networks: dict, x: Tensor, eps: Tensor, z_prior: Tensor, 
         grads[name] = out[at:at + count]
         at += count
     return grads, dict(zip(ROUTED_STEP_LOSSES, out[at:]))
+
+
+from .layer import native as _layer_native  # noqa: E402,F401  (the fused layer's registrations)

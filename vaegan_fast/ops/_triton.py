@@ -365,17 +365,31 @@ def feature_recon_terms_triton(features_real: Tensor, features_fake: Tensor):
     return feature_recon_loss_op(features_real, features_fake, True)
 
 
+def _flat_rows(t: Tensor) -> Optional[Tensor]:
+    """t as a contiguous [rows, features] view, or None (the kernels read rows of contiguous memory)."""
+    return t.view(t.shape[0], -1) if t.is_contiguous() else None
+
+
 @_dispatch.register("image_head_forward", "triton")
 def image_head_forward_triton(logits: Tensor, x: Tensor, images: Tensor, with_pixel: bool):
     _check_dtypes(logits=logits, x=x, images=images)
-    return kernels.image_head.forward(logits, x, images, with_pixel)
+    flat = [_flat_rows(t) for t in (logits, x, images)]
+    if any(f is None for f in flat) or logits.shape[0] != 2 * x.shape[0]:
+        from .image_head import image_head_forward_reference
+        return image_head_forward_reference(logits, x, images, with_pixel)
+    return kernels.image_head.forward(*flat, with_pixel)
 
 
 @_dispatch.register("image_head_backward", "triton")
-def image_head_backward_triton(images: Tensor, x: Tensor, g_fake: Tensor, u_rec: Tensor, gamma: float,
-                               pixel_factor: float, recon_as_fake: bool, scale: Optional[Tensor]):
-    _check_dtypes(images=images, x=x, g_fake=g_fake, u_rec=u_rec)
-    return kernels.image_head.backward(images, x, g_fake, u_rec, gamma, pixel_factor, recon_as_fake, scale)
+def image_head_backward_triton(images: Tensor, x: Tensor, g: Tensor, u: Tensor, gamma: float, pixel_factor: float,
+                               g_has_rec: bool, u_has_prior: bool, scale: Optional[Tensor]):
+    _check_dtypes(images=images, x=x, g=g, u=u)
+    flat = [_flat_rows(t) for t in (images, x, g.contiguous(), u.contiguous())]
+    if u_has_prior or any(f is None for f in flat):  # a norm in the discriminator: the reference
+        from .image_head import image_head_backward_reference
+        return image_head_backward_reference(images, x, g, u, gamma, pixel_factor, g_has_rec, u_has_prior, scale)
+    dec_up, enc_up = kernels.image_head.backward(*flat, gamma, pixel_factor, g_has_rec, scale)
+    return dec_up.view(images.shape), enc_up.view(x.shape)
 
 
 @_dispatch.register("reparam_kl_forward", "triton")
@@ -386,3 +400,6 @@ def reparam_kl_forward_triton(mu: Tensor, logvar: Tensor, eps: Tensor):
 @_dispatch.register("reparam_kl_backward", "triton")
 def reparam_kl_backward_triton(mu: Tensor, logvar: Tensor, eps: Tensor, grad_z: Tensor, grad_kl: Tensor):
     return reparam_kl_backward_op(mu, logvar, eps, 0, grad_z, grad_kl, False)[:2]
+
+
+from .layer import triton as _layer_triton  # noqa: E402,F401  (the fused layer's registrations)
