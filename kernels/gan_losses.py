@@ -1,6 +1,7 @@
 """GAN losses with their gradient computed in the forward pass.
 
-Math (softplus(t) = max(t, 0) + log1p(exp(-|t|)), stable at any |t|; its derivative is sigmoid(t)):
+Math (softplus(t) = max(t, 0) + log1p(e), e = exp(-|t|), stable at any |t|; its derivative is sigmoid(t),
+formed from the same e as (t >= 0 ? 1 : e) / (1 + e), which cannot overflow where 1 / (1 + exp(-t)) does):
 
     softplus term of a logits tensor x with n elements, sign s (+1/-1) and weight c:
         loss  += c / n * sum_i softplus(s * x_i)
@@ -14,7 +15,8 @@ Math (softplus(t) = max(t, 0) + log1p(exp(-|t|)), stable at any |t|; its derivat
 Each program reduces a block to one partial sum (fp32, fp64 for fp64 inputs) written to its own slot; the
 loss is the sum of the partials in a fixed order (deterministic, no atomics). When a gradient is wanted the
 same pass writes it, so backward is a single multiply by the incoming gradient; under no_grad the kernel
-writes nothing but the partials.
+writes nothing but the partials. Stored gradients are COMPUTE results rounded once, to nearest even: under
+the interpreter (RNE), whose fp32 -> bf16 cast truncates and mangles subnormals, by exact bit arithmetic.
 
 Bytes moved (n elements of s bytes): loss only, reads n s; with the gradient, reads n s and writes n s
 (feature_recon_loss: reads 2 n s, writes n s; db is -da, formed in backward). Eager PyTorch launches about
@@ -28,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import CompileSpec, check_tensors, compute_dtype, flat_block, tl_name
+from . import CompileSpec, check_tensors, compute_dtype, flat_block, interpreting, tl_name
 
 
 @triton.jit
@@ -41,6 +43,27 @@ def _log1p(y):
     u = 1.0 + y
     d = u - 1.0
     return tl.where(d == 0.0, y, tl.log(u) * (y / tl.where(d == 0.0, 1.0, d)))
+
+
+@triton.jit
+def _bf16_rne(x):
+    """fp32 x rounded to the nearest bf16 (ties to even, subnormals included), still as fp32: add half of the
+    16 dropped bits' weight (less one, plus the kept lowest bit, for ties to even) and clear them."""
+    bits = x.to(tl.uint32, bitcast=True)
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+    return tl.where(x != x, x, bits.to(tl.float32, bitcast=True))  # a NaN's carry could reach inf
+
+
+@triton.jit
+def _cast(x, DTYPE: tl.constexpr, RNE: tl.constexpr):
+    """x (COMPUTE dtype) as DTYPE, for a store. RNE (the interpreter, whose fp32 -> bf16 cast rounds toward
+    zero where the GPU's rounds to nearest) rounds to bf16 by hand and reinterprets the top 16 bits."""
+    if RNE and DTYPE == tl.bfloat16:
+        top = _bf16_rne(x).to(tl.uint32, bitcast=True) >> 16
+        top = tl.where(x != x, top | 0x40, top)  # a NaN whose payload was all in the low bits stays a NaN
+        return top.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        return x.to(DTYPE)
 
 
 @triton.jit(do_not_specialize=["n"])  # n is converted to a float inside: never a constexpr 1
@@ -56,6 +79,7 @@ def softplus_loss_kernel(
     coeff,  # weight c of this tensor's mean (+1.0 or -1.0); each element's term is weighted c / n
     WRITE_GRAD: tl.constexpr,  # False under no_grad: compute the loss only
     COMPUTE: tl.constexpr,  # arithmetic dtype: tl.float32, or tl.float64 for fp64 inputs
+    RNE: tl.constexpr,  # round bf16 stores to nearest by hand (True under the interpreter, see _cast)
     BLOCK: tl.constexpr,  # elements per program
 ):
     pid = tl.program_id(0)
@@ -66,11 +90,12 @@ def softplus_loss_kernel(
     x = tl.load(x_ptr + r * s_r + c * s_c, mask=mask, other=0.0).to(COMPUTE)
     scale = coeff / (tl.zeros([BLOCK], dtype=COMPUTE) + n)  # c / n in COMPUTE precision (fp64 stays fp64)
     t = x * sign
-    sp = tl.maximum(t, 0.0) + _log1p(tl.exp(-tl.abs(t)))
+    e = tl.exp(-tl.abs(t))
+    if WRITE_GRAD:  # stored first, so e is dead before the reduction (keeping it live across it spills)
+        g = (scale * sign) * (tl.where(t >= 0.0, 1.0, e) / (1.0 + e))  # sigmoid(t) from e: no overflow
+        tl.store(grad_ptr + idx, _cast(g, grad_ptr.dtype.element_ty, RNE), mask=mask)
+    sp = tl.maximum(t, 0.0) + _log1p(e)
     tl.store(partial_ptr + pid, tl.sum(tl.where(mask, sp * scale, 0.0), axis=0))
-    if WRITE_GRAD:
-        g = (scale * sign) * tl.sigmoid(t)
-        tl.store(grad_ptr + idx, g.to(grad_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit(do_not_specialize=["rows"])  # rows is converted to a float inside
@@ -88,6 +113,7 @@ def feature_recon_kernel(
     rows,  # N, the number of rows (the loss is a mean over rows)
     WRITE_GRAD: tl.constexpr,  # False under no_grad: compute the loss only
     COMPUTE: tl.constexpr,  # arithmetic dtype
+    RNE: tl.constexpr,  # round bf16 stores to nearest by hand (True under the interpreter, see _cast)
     BLOCK: tl.constexpr,  # elements per program
 ):
     pid = tl.program_id(0)
@@ -101,7 +127,7 @@ def feature_recon_kernel(
     inv_rows = 1.0 / (tl.zeros([BLOCK], dtype=COMPUTE) + rows)  # 1 / N in COMPUTE precision
     tl.store(partial_ptr + pid, tl.sum(d * d * (0.5 * inv_rows), axis=0))
     if WRITE_GRAD:
-        tl.store(grad_ptr + idx, (d * inv_rows).to(grad_ptr.dtype.element_ty), mask=mask)
+        tl.store(grad_ptr + idx, _cast(d * inv_rows, grad_ptr.dtype.element_ty, RNE), mask=mask)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -143,7 +169,7 @@ def softplus_losses(xs, signs, coeffs, need_grad: bool):
         softplus_loss_kernel[(grid,)](
             x2, grad if grad is not None else partials, partials[start:], n, x2.shape[1], x2.stride(0),
             x2.stride(1), float(sign), float(coeff), WRITE_GRAD=need_grad, COMPUTE=compute_dtype(dtype),
-            BLOCK=block, num_warps=warps)
+            RNE=interpreting(), BLOCK=block, num_warps=warps)
         grads.append(grad)
     return partials.sum().to(dtype), grads
 
@@ -161,7 +187,7 @@ def feature_recon(a: torch.Tensor, b: torch.Tensor, need_grad: bool):
     feature_recon_kernel[(grid,)](
         a2, b2, grad if grad is not None else partials, partials, n, a2.shape[1], a2.stride(0), a2.stride(1),
         b2.stride(0), b2.stride(1), a.shape[0], WRITE_GRAD=need_grad, COMPUTE=compute_dtype(a.dtype),
-        BLOCK=block, num_warps=warps)
+        RNE=interpreting(), BLOCK=block, num_warps=warps)
     return partials.sum().to(a.dtype), grad
 
 
@@ -171,7 +197,7 @@ def configs() -> list[CompileSpec]:
         t = tl_name(dtype)
         for write_grad in (True, False):
             default = dtype == torch.float32 and write_grad
-            const = {"WRITE_GRAD": write_grad, "COMPUTE": tl.float32, "BLOCK": _GPU_BLOCK}
+            const = {"WRITE_GRAD": write_grad, "COMPUTE": tl.float32, "RNE": False, "BLOCK": _GPU_BLOCK}
             sig = {"x_ptr": f"*{t}", "grad_ptr": f"*{t}", "partial_ptr": "*fp32", "n": "i32", "C": "i32",
                    "s_r": "i32", "s_c": "i32", "sign": "fp32", "coeff": "fp32", **{k: "constexpr" for k in const}}
             specs.append(CompileSpec(f"softplus_loss {t} grad={write_grad} BLOCK{_GPU_BLOCK}", softplus_loss_kernel,

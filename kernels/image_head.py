@@ -16,7 +16,8 @@ vaegan_fast/ops/image_head.py's reference.
 
 Each forward program reduces its block of the pixel term to one partial sum (fp32, fp64 for fp64 inputs) in
 its own slot; the term is the sum of the partials in a fixed order (deterministic, no atomics). S is read on
-the device (a pointer), so a loss-scaled step never waits for the host.
+the device (a pointer), so a loss-scaled step never waits for the host. Stores round once, to nearest even
+(under the interpreter, whose fp32 -> bf16 cast truncates, by hand: gan_losses._cast).
 
 Bytes moved (n = B P elements of s bytes): forward reads l (2 n s) and x (n s), writes images (2 n s);
 backward reads images (2 n s), g (n s or 2 n s), u and x (2 n s), writes dec_up (2 n s) and enc_up (n s).
@@ -31,8 +32,8 @@ import torch
 import triton
 import triton.language as tl
 
-from . import CompileSpec, check_tensors, compute_dtype, flat_block, tl_name
-from .gan_losses import _log1p
+from . import CompileSpec, check_tensors, compute_dtype, flat_block, interpreting, tl_name
+from .gan_losses import _cast, _log1p
 
 
 @triton.jit
@@ -45,6 +46,7 @@ def image_head_forward_kernel(
     half,  # B P: elements before the first reconstruction row
     WITH_PIXEL: tl.constexpr,  # False: images only
     COMPUTE: tl.constexpr,  # arithmetic dtype: tl.float32, or tl.float64 for fp64 inputs
+    RNE: tl.constexpr,  # round bf16 stores to nearest by hand (True under the interpreter)
     BLOCK: tl.constexpr,  # elements per program
 ):
     pid = tl.program_id(0)
@@ -53,7 +55,7 @@ def image_head_forward_kernel(
     l = tl.load(logits_ptr + idx, mask=mask, other=0.0).to(COMPUTE)
     e = tl.exp(-tl.abs(l))
     s = tl.where(l >= 0.0, 1.0, e) / (1.0 + e)
-    tl.store(images_ptr + idx, s.to(images_ptr.dtype.element_ty), mask=mask)
+    tl.store(images_ptr + idx, _cast(s, images_ptr.dtype.element_ty, RNE), mask=mask)
     if WITH_PIXEL:
         rec = mask & (idx >= half)
         x = tl.load(x_ptr + tl.where(rec, idx - half, 0), mask=rec, other=0.0).to(COMPUTE)
@@ -77,6 +79,7 @@ def image_head_backward_kernel(
     RECON_AS_FAKE: tl.constexpr,  # reconstruction rows take the generator's gradient too
     HAS_SCALE: tl.constexpr,  # multiply the pixel gradient by S
     COMPUTE: tl.constexpr,
+    RNE: tl.constexpr,  # round bf16 stores to nearest by hand (True under the interpreter)
     BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -98,8 +101,8 @@ def image_head_backward_kernel(
         c = c * tl.load(scale_ptr).to(COMPUTE)
     p = tl.where(rec, c * (s - x), 0.0)
     dec = (g + gamma * u) * slope + p  # u (and p) are 0 on prior rows
-    tl.store(dec_ptr + idx, dec.to(dec_ptr.dtype.element_ty), mask=mask)
-    tl.store(enc_ptr + rec_idx, (u * slope + p).to(enc_ptr.dtype.element_ty), mask=rec)
+    tl.store(dec_ptr + idx, _cast(dec, dec_ptr.dtype.element_ty, RNE), mask=mask)
+    tl.store(enc_ptr + rec_idx, _cast(u * slope + p, enc_ptr.dtype.element_ty, RNE), mask=rec)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -121,7 +124,8 @@ def forward(logits: torch.Tensor, x: torch.Tensor, images: torch.Tensor, with_pi
     acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
     partials = torch.empty(grid, device=logits.device, dtype=acc)
     image_head_forward_kernel[(grid,)](logits, x, images, partials, n, half, WITH_PIXEL=bool(with_pixel),
-                                       COMPUTE=compute_dtype(logits.dtype), BLOCK=block, num_warps=warps)
+                                       COMPUTE=compute_dtype(logits.dtype), RNE=interpreting(), BLOCK=block,
+                                       num_warps=warps)
     return partials.sum() / x.shape[0] if with_pixel else None
 
 
@@ -138,7 +142,7 @@ def backward(images, x, g_fake, u_rec, gamma: float, pixel_factor: float, recon_
     image_head_backward_kernel[(triton.cdiv(n, block),)](
         images, x, g_fake, u_rec, dec_up, enc_up, scale if has_scale else images, n, half, float(gamma),
         float(pixel_factor), RECON_AS_FAKE=bool(recon_as_fake), HAS_SCALE=has_scale,
-        COMPUTE=compute_dtype(images.dtype), BLOCK=block, num_warps=warps)
+        COMPUTE=compute_dtype(images.dtype), RNE=interpreting(), BLOCK=block, num_warps=warps)
     return dec_up, enc_up
 
 
@@ -148,13 +152,14 @@ def configs() -> list[CompileSpec]:
         t = tl_name(dtype)
         for flag in (True, False):
             default = dtype == torch.float32 and flag
-            const = {"WITH_PIXEL": flag, "COMPUTE": tl.float32, "BLOCK": _GPU_BLOCK}
+            const = {"WITH_PIXEL": flag, "COMPUTE": tl.float32, "RNE": False, "BLOCK": _GPU_BLOCK}
             sig = {"logits_ptr": f"*{t}", "x_ptr": f"*{t}", "images_ptr": f"*{t}", "partial_ptr": "*fp32",
                    "n": "i32", "half": "i32", **{k: "constexpr" for k in const}}
             specs.append(CompileSpec(f"image_head_forward {t} pixel={flag} BLOCK{_GPU_BLOCK}",
                                      image_head_forward_kernel, sig, const, _GPU_WARPS, default=default))
             for has_scale in ((True, False) if dtype == torch.float16 else (False,)):
-                const = {"RECON_AS_FAKE": flag, "HAS_SCALE": has_scale, "COMPUTE": tl.float32, "BLOCK": _GPU_BLOCK}
+                const = {"RECON_AS_FAKE": flag, "HAS_SCALE": has_scale, "COMPUTE": tl.float32, "RNE": False,
+                         "BLOCK": _GPU_BLOCK}
                 # Without a scale the launcher passes the images as the (unread) scale pointer.
                 sig = {"images_ptr": f"*{t}", "x_ptr": f"*{t}", "g_ptr": f"*{t}", "u_ptr": f"*{t}",
                        "dec_ptr": f"*{t}", "enc_ptr": f"*{t}", "scale_ptr": "*fp32" if has_scale else f"*{t}",

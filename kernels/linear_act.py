@@ -11,13 +11,15 @@ leaky_relu with a slope <= 0; nothing for identity. Both gradient GEMMs form da 
 dy (never written to memory), and the dW kernel's programs of the first K-tile also reduce db over all rows
 in a fixed order: deterministic, no atomics.
 
-Activations (ACT codes): 0 identity, 1 relu, 2 leaky_relu, 3 tanh (2 sigmoid(2a) - 1: no libdevice),
-4 sigmoid, 5 gelu (tanh approximation).
+Activations (ACT codes): 0 identity, 1 relu, 2 leaky_relu, 3 tanh (2 sigmoid(2a) - 1: no libdevice; for
+|a| < 1/16, where that difference cancels, its odd series), 4 sigmoid, 5 gelu (tanh approximation).
 
 Precision: fp32 inputs multiply in IEEE fp32 (input_precision="ieee": the results match eager fp32 with TF32
 off); allow_tf32=True selects "tf32". fp16/bf16 inputs feed the tensor cores with an fp32 accumulator; da is
 rounded to the input dtype before its GEMMs, as eager's separate activation-backward kernel does. fp64 uses
-an fp64 accumulator (for gradcheck).
+an fp64 accumulator (for gradcheck). Every rounding to bf16 (stores, da) is to nearest even, as on the GPU:
+under the interpreter (RNE), whose fp32 -> bf16 cast truncates, by exact bit arithmetic (truncated outputs
+near +-1 made tanh's and sigmoid's derivatives from y several times eager's error).
 
 Bytes moved (s bytes per element): forward reads x and W once per output tile column/row block (M K s and
 N K s per tile pass) and writes y (M N s), plus a (M N s) for gelu; backward reads dy and the saved tensor
@@ -37,6 +39,7 @@ import triton
 import triton.language as tl
 
 from . import CompileSpec, check_tensors, compute_dtype, interpreting, next_pow2, tl_name
+from .gan_losses import _bf16_rne, _cast
 
 ACT_CODES = {"identity": 0, "relu": 1, "leaky_relu": 2, "tanh": 3, "sigmoid": 4, "gelu": 5}
 _SQRT_2_OVER_PI = 0.7978845608028654
@@ -58,6 +61,25 @@ def _aligned(v, ALIGN: tl.constexpr):
 
 
 @triton.jit
+def _tanh(a):
+    """tanh(a) as 2 sigmoid(2a) - 1 (no libdevice), except for |a| < 1/16: there that difference cancels (an
+    ulp of 1 would be a large part of tanh(a) ~ a), so the odd series to a^9 (truncation below 1e-14)."""
+    a2 = a * a
+    series = a + a * a2 * (-0.3333333333333333 + a2 * (0.13333333333333333 + a2 * (
+        -0.05396825396825397 + a2 * 0.021869488536155203)))
+    return tl.where(tl.abs(a) < 0.0625, series, 2.0 * tl.sigmoid(2.0 * a) - 1.0)
+
+
+@triton.jit
+def _operand(da, ELEM: tl.constexpr, DOT: tl.constexpr, RNE: tl.constexpr):
+    """da rounded to the tensors' dtype ELEM (as eager's activation backward stores it), as a DOT operand."""
+    if RNE and ELEM == tl.bfloat16:
+        return _bf16_rne(da).to(DOT)  # DOT is fp32 under the interpreter, so the rounded value is kept exactly
+    else:
+        return da.to(ELEM).to(DOT)
+
+
+@triton.jit
 def _apply_act(a, ACT: tl.constexpr, slope):
     """act(a) for the ACT codes above; a is in the compute dtype."""
     if ACT == 1:
@@ -65,7 +87,7 @@ def _apply_act(a, ACT: tl.constexpr, slope):
     elif ACT == 2:
         a = tl.where(a >= 0.0, a, a * slope)
     elif ACT == 3:
-        a = 2.0 * tl.sigmoid(2.0 * a) - 1.0
+        a = _tanh(a)
     elif ACT == 4:
         a = tl.sigmoid(a)
     elif ACT == 5:
@@ -113,6 +135,7 @@ def linear_act_fwd_kernel(
     COMPUTE: tl.constexpr,  # accumulator and epilogue dtype: tl.float32, or tl.float64 for fp64
     DOT: tl.constexpr,  # dtype the GEMM operands are cast to (input dtype on GPU, COMPUTE in the interpreter)
     PRECISION: tl.constexpr,  # tl.dot input_precision for fp32 operands: "ieee" or "tf32"
+    RNE: tl.constexpr,  # round bf16 stores to nearest by hand (True under the interpreter, see _cast)
     BLOCK_M: tl.constexpr,  # rows of the output tile
     BLOCK_N: tl.constexpr,  # columns of the output tile
     BLOCK_K: tl.constexpr,  # reduction step
@@ -152,9 +175,9 @@ def linear_act_fwd_kernel(
     out = rm.to(tl.int64)[:, None] * N + rn[None, :]
     mask = m_ok[:, None] & n_ok[None, :]
     if SAVE_PREACT:
-        tl.store(a_ptr + out, acc.to(a_ptr.dtype.element_ty), mask=mask)
+        tl.store(a_ptr + out, _cast(acc, a_ptr.dtype.element_ty, RNE), mask=mask)
     y = _apply_act(acc, ACT, slope)
-    tl.store(y_ptr + out, y.to(y_ptr.dtype.element_ty), mask=mask)
+    tl.store(y_ptr + out, _cast(y, y_ptr.dtype.element_ty, RNE), mask=mask)
 
 
 @triton.jit(do_not_specialize=["M", "N", "K", "s_dym", "s_wn"])
@@ -174,6 +197,7 @@ def linear_act_bwd_dx_kernel(
     ELEM: tl.constexpr,  # the tensors' dtype: da is rounded to it before the GEMM, as eager does
     DOT: tl.constexpr,  # GEMM operand dtype
     PRECISION: tl.constexpr,  # tl.dot input_precision for fp32 operands
+    RNE: tl.constexpr,  # round da and the bf16 store to nearest by hand (True under the interpreter)
     BLOCK_M: tl.constexpr,  # rows of the dx tile
     BLOCK_N: tl.constexpr,  # reduction step over N
     BLOCK_K: tl.constexpr,  # columns of the dx tile
@@ -208,11 +232,11 @@ def linear_act_bwd_dx_kernel(
             s = tl.load(s_ptrs, mask=mn_mask, other=0.0).to(COMPUTE)
             da = da * _act_grad(s, ACT, slope)
         wt = tl.load(w_ptrs, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
-        acc = tl.dot(da.to(ELEM).to(DOT), wt.to(DOT), acc, input_precision=PRECISION, out_dtype=COMPUTE)
+        acc = tl.dot(_operand(da, ELEM, DOT, RNE), wt.to(DOT), acc, input_precision=PRECISION, out_dtype=COMPUTE)
         dy_ptrs += BLOCK_N
         s_ptrs += BLOCK_N
         w_ptrs += BLOCK_N * s_wn
-    tl.store(dx_ptr + rm64[:, None] * K + rk[None, :], acc.to(dx_ptr.dtype.element_ty),
+    tl.store(dx_ptr + rm64[:, None] * K + rk[None, :], _cast(acc, dx_ptr.dtype.element_ty, RNE),
              mask=m_ok[:, None] & k_ok[None, :])
 
 
@@ -235,6 +259,7 @@ def linear_act_bwd_dw_kernel(
     ELEM: tl.constexpr,  # the tensors' dtype (da is rounded to it before the GEMM)
     DOT: tl.constexpr,  # GEMM operand dtype
     PRECISION: tl.constexpr,  # tl.dot input_precision for fp32 operands
+    RNE: tl.constexpr,  # round da and the bf16 stores to nearest by hand (True under the interpreter)
     BLOCK_N: tl.constexpr,  # rows of the dW tile
     BLOCK_M: tl.constexpr,  # reduction step over M
     BLOCK_K: tl.constexpr,  # columns of the dW tile
@@ -273,15 +298,15 @@ def linear_act_bwd_dw_kernel(
         if HAS_BIAS:
             db += tl.sum(da, axis=1)
         xt = tl.load(x_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-        acc = tl.dot(da.to(ELEM).to(DOT), xt.to(DOT), acc, input_precision=PRECISION, out_dtype=COMPUTE)
+        acc = tl.dot(_operand(da, ELEM, DOT, RNE), xt.to(DOT), acc, input_precision=PRECISION, out_dtype=COMPUTE)
         dy_ptrs += BLOCK_M * s_dym
         s_ptrs += BLOCK_M * N
         x_ptrs += BLOCK_M * s_xm
-    tl.store(dw_ptr + rn64[:, None] * K + rk[None, :], acc.to(dw_ptr.dtype.element_ty),
+    tl.store(dw_ptr + rn64[:, None] * K + rk[None, :], _cast(acc, dw_ptr.dtype.element_ty, RNE),
              mask=n_ok[:, None] & k_ok[None, :])
     if HAS_BIAS:
         if pid_k == 0:
-            tl.store(db_ptr + rn, db.to(db_ptr.dtype.element_ty), mask=n_ok)
+            tl.store(db_ptr + rn, _cast(db, db_ptr.dtype.element_ty, RNE), mask=n_ok)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -390,8 +415,8 @@ def linear_act_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[tor
         x, weight, b_arg, y, a if a is not None else y, M, N, K, x.stride(0), weight.stride(0),
         b_arg.stride(0) if bias is not None else 0, float(negative_slope),
         HAS_BIAS=bias is not None, ACT=ACT_CODES[activation], SAVE_PREACT=save_preact, COMPUTE=comp, DOT=dot,
-        PRECISION=precision, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=_GROUP, ALIGN=align, num_warps=warps,
-        num_stages=stages)
+        PRECISION=precision, RNE=interpreting(), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=_GROUP, ALIGN=align,
+        num_warps=warps, num_stages=stages)
     return y, a
 
 
@@ -413,8 +438,8 @@ def linear_act_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
         bm, bk, bn, warps, stages = _config("dx", M, K, N, x.dtype, precision, align)
         linear_act_bwd_dx_kernel[(triton.cdiv(M, bm) * triton.cdiv(K, bk),)](
             dy, saved, weight, dx, M, N, K, dy.stride(0), weight.stride(0), slope,
-            ACT=act, COMPUTE=comp, ELEM=elem, DOT=dot, PRECISION=precision, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
-            GROUP_M=_GROUP, ALIGN=align, num_warps=warps, num_stages=stages)
+            ACT=act, COMPUTE=comp, ELEM=elem, DOT=dot, PRECISION=precision, RNE=interpreting(), BLOCK_M=bm,
+            BLOCK_N=bn, BLOCK_K=bk, GROUP_M=_GROUP, ALIGN=align, num_warps=warps, num_stages=stages)
     if need_dw or has_bias:
         dw = torch.empty((N, K), device=x.device, dtype=x.dtype)
         db = torch.empty((N,), device=x.device, dtype=x.dtype) if has_bias else None
@@ -423,8 +448,8 @@ def linear_act_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
         linear_act_bwd_dw_kernel[(triton.cdiv(N, bn) * triton.cdiv(K, bk),)](
             dy, saved, x, dw, db if db is not None else dw, M, N, K, dy.stride(0), x.stride(0), slope,
             HAS_BIAS=has_bias, ACT=act, COMPUTE=comp, ELEM=elem, DOT=dot, PRECISION=precision,
-            BLOCK_N=bn, BLOCK_M=bm, BLOCK_K=bk, GROUP_N=_GROUP, ALIGN=align, num_warps=warps,
-            num_stages=stages)
+            RNE=interpreting(), BLOCK_N=bn, BLOCK_M=bm, BLOCK_K=bk, GROUP_N=_GROUP, ALIGN=align,
+            num_warps=warps, num_stages=stages)
         if not need_dw:
             dw = None
     return dx, dw, db
@@ -453,8 +478,8 @@ def configs() -> list[CompileSpec]:
 
                     b0, b1, b2, warps, stages = _GPU_CONFIGS["fwd"][cls][size]
                     const = {"HAS_BIAS": True, "ACT": act, "SAVE_PREACT": act_name == "gelu", "COMPUTE": comp,
-                             "DOT": elem, "PRECISION": precision, "BLOCK_M": b0, "BLOCK_N": b1, "BLOCK_K": b2,
-                             "GROUP_M": _GROUP, "ALIGN": align}
+                             "DOT": elem, "PRECISION": precision, "RNE": False, "BLOCK_M": b0, "BLOCK_N": b1,
+                             "BLOCK_K": b2, "GROUP_M": _GROUP, "ALIGN": align}
                     sig = {"x_ptr": f"*{t}", "w_ptr": f"*{t}", "b_ptr": f"*{t}", "y_ptr": f"*{t}", "a_ptr": f"*{t}",
                            **{k: "i32" for k in ("M", "N", "K", "s_xm", "s_wn", "s_b")},
                            "slope": "fp32", **{k: "constexpr" for k in const}}
@@ -463,7 +488,8 @@ def configs() -> list[CompileSpec]:
 
                     b0, b1, b2, warps, stages = _GPU_CONFIGS["dx"][cls][size]
                     const = {"ACT": act, "COMPUTE": comp, "ELEM": elem, "DOT": elem, "PRECISION": precision,
-                             "BLOCK_M": b0, "BLOCK_N": b2, "BLOCK_K": b1, "GROUP_M": _GROUP, "ALIGN": align}
+                             "RNE": False, "BLOCK_M": b0, "BLOCK_N": b2, "BLOCK_K": b1, "GROUP_M": _GROUP,
+                             "ALIGN": align}
                     sig = {"dy_ptr": f"*{t}", "s_ptr": f"*{t}", "w_ptr": f"*{t}", "dx_ptr": f"*{t}",
                            **{k: "i32" for k in ("M", "N", "K", "s_dym", "s_wn")},
                            "slope": "fp32", **{k: "constexpr" for k in const}}
@@ -472,8 +498,8 @@ def configs() -> list[CompileSpec]:
 
                     b0, b1, b2, warps, stages = _GPU_CONFIGS["dw"][cls][size]
                     const = {"HAS_BIAS": True, "ACT": act, "COMPUTE": comp, "ELEM": elem, "DOT": elem,
-                             "PRECISION": precision, "BLOCK_N": b0, "BLOCK_M": b2, "BLOCK_K": b1, "GROUP_N": _GROUP,
-                             "ALIGN": align}
+                             "PRECISION": precision, "RNE": False, "BLOCK_N": b0, "BLOCK_M": b2, "BLOCK_K": b1,
+                             "GROUP_N": _GROUP, "ALIGN": align}
                     sig = {"dy_ptr": f"*{t}", "s_ptr": f"*{t}", "x_ptr": f"*{t}", "dw_ptr": f"*{t}",
                            "db_ptr": f"*{t}", **{k: "i32" for k in ("M", "N", "K", "s_dym", "s_xm")},
                            "slope": "fp32", **{k: "constexpr" for k in const}}

@@ -20,7 +20,8 @@ Bytes moved (B x D elements of s bytes each):
     backward  reads mu, logvar, dz (, eps) writes dmu, dlogvar 6 B D s + B s   (5 B D s + B s with a seed)
 Eager PyTorch launches about 11 kernels forward (mul, exp, mul, add; mul, exp, add, sub, sub, sum, mul) and
 about 10 backward, each a full pass over B x D; this is one launch each way. Arithmetic is fp32 (fp64 for
-fp64 inputs), rounded once on store, so fp16/bf16 results are at least as accurate as eager's.
+fp64 inputs), rounded once on store, to nearest even (under the interpreter, whose fp32 -> bf16 cast
+truncates, by hand: gan_losses._cast), so fp16/bf16 results are at least as accurate as eager's.
 """
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ import triton
 import triton.language as tl
 
 from . import CompileSpec, check_tensors, compute_dtype, interpreting, next_pow2, tl_name
+from .gan_losses import _cast
 
 
 @triton.jit
@@ -83,6 +85,7 @@ def reparam_kl_fwd_kernel(
     seed,  # Philox seed for in-kernel eps (used when HAS_EPS is False)
     HAS_EPS: tl.constexpr,  # True: read eps; False: draw it from tl.rand(seed, b * D + j)
     COMPUTE: tl.constexpr,  # arithmetic dtype: tl.float32, or tl.float64 for fp64 inputs
+    RNE: tl.constexpr,  # round bf16 stores to nearest by hand (True under the interpreter)
     BLOCK_B: tl.constexpr,  # rows per program
     BLOCK_D: tl.constexpr,  # columns per loop iteration
 ):
@@ -103,10 +106,10 @@ def reparam_kl_fwd_kernel(
             eps = _standard_normal(seed, rows[:, None] * D + cols[None, :]).to(COMPUTE)
         std = tl.exp(lv * 0.5)
         z = mu + std * eps
-        tl.store(z_ptr + rows64[:, None] * D + cols64[None, :], z.to(z_ptr.dtype.element_ty), mask=mask)
+        tl.store(z_ptr + rows64[:, None] * D + cols64[None, :], _cast(z, z_ptr.dtype.element_ty, RNE), mask=mask)
         term = mu * mu + tl.exp(lv) - lv - 1.0
         kl += tl.sum(tl.where(mask, term, 0.0), axis=1)
-    tl.store(kl_ptr + rows64, (kl * 0.5).to(kl_ptr.dtype.element_ty), mask=row_ok)
+    tl.store(kl_ptr + rows64, _cast(kl * 0.5, kl_ptr.dtype.element_ty, RNE), mask=row_ok)
 
 
 @triton.jit
@@ -136,6 +139,7 @@ def reparam_kl_bwd_kernel(
     HAS_DKL: tl.constexpr,  # False when kl received no gradient (treated as zero)
     WRITE_DEPS: tl.constexpr,  # True when eps needs a gradient
     COMPUTE: tl.constexpr,  # arithmetic dtype
+    RNE: tl.constexpr,  # round bf16 stores to nearest by hand (True under the interpreter)
     BLOCK_B: tl.constexpr,  # rows per program
     BLOCK_D: tl.constexpr,  # columns per loop iteration
 ):
@@ -166,13 +170,13 @@ def reparam_kl_bwd_kernel(
             dlv += 0.5 * dz * std * eps
             if WRITE_DEPS:
                 tl.store(deps_ptr + rows64[:, None] * D + cols64[None, :],
-                         (dz * std).to(deps_ptr.dtype.element_ty), mask=mask)
+                         _cast(dz * std, deps_ptr.dtype.element_ty, RNE), mask=mask)
         elif WRITE_DEPS:
             tl.store(deps_ptr + rows64[:, None] * D + cols64[None, :],
                      tl.zeros([BLOCK_B, BLOCK_D], dtype=COMPUTE).to(deps_ptr.dtype.element_ty), mask=mask)
         out = rows64[:, None] * D + cols64[None, :]
-        tl.store(dmu_ptr + out, dmu.to(dmu_ptr.dtype.element_ty), mask=mask)
-        tl.store(dlv_ptr + out, dlv.to(dlv_ptr.dtype.element_ty), mask=mask)
+        tl.store(dmu_ptr + out, _cast(dmu, dmu_ptr.dtype.element_ty, RNE), mask=mask)
+        tl.store(dlv_ptr + out, _cast(dlv, dlv_ptr.dtype.element_ty, RNE), mask=mask)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -211,7 +215,7 @@ def reparam_kl_forward(mu: torch.Tensor, logvar: torch.Tensor, eps: Optional[tor
     reparam_kl_fwd_kernel[(triton.cdiv(B, block_b),)](
         mu, logvar, eps_arg, z, kl, B, D,
         mu.stride(0), mu.stride(1), logvar.stride(0), logvar.stride(1), eps_arg.stride(0), eps_arg.stride(1),
-        int(seed), HAS_EPS=eps is not None, COMPUTE=compute_dtype(mu.dtype),
+        int(seed), HAS_EPS=eps is not None, COMPUTE=compute_dtype(mu.dtype), RNE=interpreting(),
         BLOCK_B=block_b, BLOCK_D=block_d, num_warps=warps)
     return z, kl
 
@@ -234,7 +238,7 @@ def reparam_kl_backward(mu: torch.Tensor, logvar: torch.Tensor, eps: Optional[to
         mu.stride(0), mu.stride(1), logvar.stride(0), logvar.stride(1), eps_arg.stride(0), eps_arg.stride(1),
         dz_arg.stride(0), dz_arg.stride(1), dkl_arg.stride(0), int(seed),
         HAS_EPS=eps is not None, HAS_DZ=dz is not None, HAS_DKL=dkl is not None, WRITE_DEPS=need_deps,
-        COMPUTE=compute_dtype(mu.dtype), BLOCK_B=block_b, BLOCK_D=block_d, num_warps=warps)
+        COMPUTE=compute_dtype(mu.dtype), RNE=interpreting(), BLOCK_B=block_b, BLOCK_D=block_d, num_warps=warps)
     return dmu, dlv, deps
 
 
@@ -254,7 +258,8 @@ def configs() -> list[CompileSpec]:
                 ptr = {"mu_ptr": f"*{t}", "logvar_ptr": f"*{t}", "eps_ptr": f"*{t}"}
                 ints = ["B", "D", "s_mu_b", "s_mu_d", "s_lv_b", "s_lv_d", "s_eps_b", "s_eps_d", "seed"]
                 sig = {**ptr, "z_ptr": f"*{t}", "kl_ptr": f"*{t}", **{k: "i32" for k in ints}}
-                const = {"HAS_EPS": has_eps, "COMPUTE": tl.float32, "BLOCK_B": block_b, "BLOCK_D": block_d}
+                const = {"HAS_EPS": has_eps, "COMPUTE": tl.float32, "RNE": False, "BLOCK_B": block_b,
+                         "BLOCK_D": block_d}
                 sig.update({k: "constexpr" for k in const})
                 label = f"reparam_kl_fwd {t} eps={'mem' if has_eps else 'seed'} B{block_b}xD{block_d}"
                 specs.append(CompileSpec(label, reparam_kl_fwd_kernel, sig, const, _NUM_WARPS, default=default))
@@ -264,7 +269,7 @@ def configs() -> list[CompileSpec]:
                 sig = {**ptr, "dz_ptr": f"*{t}", "dkl_ptr": f"*{t}", "dmu_ptr": f"*{t}", "dlv_ptr": f"*{t}",
                        "deps_ptr": f"*{t}", **{k: "i32" for k in ints}}
                 const = {"HAS_EPS": has_eps, "HAS_DZ": True, "HAS_DKL": True, "WRITE_DEPS": False,
-                         "COMPUTE": tl.float32, "BLOCK_B": block_b, "BLOCK_D": block_d}
+                         "COMPUTE": tl.float32, "RNE": False, "BLOCK_B": block_b, "BLOCK_D": block_d}
                 sig.update({k: "constexpr" for k in const})
                 label = f"reparam_kl_bwd {t} eps={'mem' if has_eps else 'seed'} B{block_b}xD{block_d}"
                 specs.append(CompileSpec(label, reparam_kl_bwd_kernel, sig, const, _NUM_WARPS, default=default))

@@ -6,7 +6,7 @@ import vaegan_fast.ops as ops
 from conftest import DEVICE
 from backend_ops import SHAPES, disc, gen, recon, shape_id
 from numerics import assert_matches
-from triton_helpers import DTYPES, as_double, requires_triton, run, strided
+from triton_helpers import DTYPES, as_double, assert_rounded_once, requires_triton, run, strided
 
 pytestmark = requires_triton
 
@@ -32,6 +32,40 @@ def test_discriminator_and_generator_losses(shape, dtype):
     fake2 = torch.randn(shape[0], device=DEVICE).to(dtype)  # another size and rank
     _check(disc, [real, fake, fake2], ["real", "fake", "fake2"])
     _check(lambda b: gen(b, False), [fake, fake2], ["fake", "fake2"])
+    _check(lambda b: gen(b, True), [fake], ["fake"])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("batch", [1, 3, 7, 13, 31, 61, 63, 65, 127])
+def test_odd_batch_sizes(batch, dtype):
+    # A discriminator's logits, [batch, 1]. The kernel stores sigmoid(+-x) / batch, rounded once from fp32;
+    # under the interpreter its fp32 -> bf16 cast truncated that (off by up to an ulp, where eager is within
+    # half of one), so with a unit incoming gradient (backward multiplies by exactly 1) each element must
+    # be the fp64 gradient correctly rounded.
+    real = (8 * torch.randn(batch, 1, device=DEVICE)).to(dtype)
+    fake = (8 * torch.randn(batch, 1, device=DEVICE)).to(dtype)
+    _check(disc, [real, fake], ["real", "fake"])
+    _check(lambda b: gen(b, False), [fake], ["fake"])
+    _check(lambda b: gen(b, True), [fake.view(-1)], ["fake"])
+    if dtype.itemsize == 2:
+        for make, inputs, names in ((disc, [real, fake], ["real", "fake"]),
+                                    (lambda b: gen(b, False), [fake], ["fake"])):
+            got = run(make("triton"), inputs)[1]
+            want = run(make("reference"), as_double(inputs))[1]
+            for name, a, t in zip(names, got, want):
+                assert_rounded_once(f"d {name}", a, t)
+
+
+@pytest.mark.skipif(DEVICE.type == "cuda", reason="subnormal results: whether a GPU's exp and division keep or "
+                                                   "flush them is outside the rule")
+@pytest.mark.parametrize("batch, margin", [(61, 86.0), (1, 89.0)], ids=["61-subnormal", "1-exp-overflow"])
+def test_confident_discriminator(batch, margin):
+    # Logits beyond +-86: every gradient, sigmoid(-|x|) / batch, is below bf16's (and fp32's) smallest normal.
+    # The interpreter's fp32 -> bf16 cast turned such subnormals into values up to 16 times too large, and
+    # 1 / (1 + exp(-t)) gave 0 once exp(-t) overflowed (t < -88.7); sigmoid is now formed from exp(-|t|).
+    real = (margin + torch.rand(batch, 1, device=DEVICE)).bfloat16()
+    fake = -(margin + torch.rand(batch, 1, device=DEVICE)).bfloat16()
+    _check(disc, [real, fake], ["real", "fake"])
     _check(lambda b: gen(b, True), [fake], ["fake"])
 
 

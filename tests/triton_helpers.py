@@ -45,3 +45,17 @@ def run(fn, inputs, grad_outputs=None):
 
 def as_double(inputs):
     return [x.detach().double() if isinstance(x, torch.Tensor) else x for x in inputs]
+
+
+def assert_rounded_once(name: str, actual: torch.Tensor, truth: torch.Tensor):
+    """Every element of ``actual`` (fp16/bf16) within half an ulp of the fp64 ``truth`` plus fp32 noise: what
+    fp32 arithmetic rounded once to nearest gives (a truncating rounding misses by up to a whole ulp)."""
+    info = torch.finfo(actual.dtype)
+    truth = truth.detach().double()
+    ulp = info.eps * torch.exp2(torch.floor(torch.log2(truth.abs().clamp_min(info.tiny))))
+    err = (actual.detach().double() - truth).abs()
+    excess = err / (0.5 * ulp + 1e-5 * truth.abs())
+    i = int(excess.flatten().argmax())
+    off = (err / ulp).flatten()[i].item()
+    assert excess.max() <= 1, (f"{name}: [{i}] got {actual.flatten()[i].item():.6g}, want "
+                               f"{truth.flatten()[i].item():.6g}: {off:.3f} ulp off")
