@@ -102,8 +102,10 @@ def test_native_does_not_depend_on_thread_count(threads):
 def test_native_refuses_mismatched_inputs():
     logits, x, g_fake, u = _inputs(4, 9, torch.float32)
     images = torch.empty_like(logits)
-    with pytest.raises(RuntimeError, match="x must be"):
+    with pytest.raises(RuntimeError, match="logits must hold B or 2B rows for x's B"):
         image_head_forward(logits, x[:3], images, True, "native")
+    with pytest.raises(RuntimeError, match="x must be"):
+        image_head_forward(logits, x[:, :8], images, True, "native")
     with pytest.raises(RuntimeError, match="u must be"):
         image_head_backward(images, x, g_fake, u[4:, :8], 1.0, 0.1, True, False, None, "native")
     with pytest.raises(TypeError, match="float16"):

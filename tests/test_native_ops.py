@@ -331,11 +331,21 @@ def _opcheck_cases():
         cases.append(("linear_act_backward", (torch.randn(6, 3), x, w, torch.randn(6, 3), not keep,
                                               ops.ACTIVATIONS.index(act), slope, [True, True, True])))
     cases.append(("linear_act", (x.clone().requires_grad_(), w, None, 1, 0.2)))
-    w2, b2 = torch.randn(2, 3), torch.randn(2)
-    cases.append(("dense_chain_forward", (x, [w, w2], [b, None], [2, 5], [0.2, 0.0])))
-    h = torch.randn(6, 3)
-    cases.append(("dense_chain_backward", (torch.randn(4, 2), [x, h], [w, w2], [torch.randn(6, 3), torch.randn(6, 2)],
-                                           [1, 0], [2, 5], [0.2, 0.0], 1, 5, True, True)))
+    images, xi = torch.rand(6, 5), torch.rand(3, 5)
+    cases.append(("image_head_forward", (torch.randn(6, 5), xi, torch.empty(6, 5), True)))
+    cases.append(("image_head_backward", (images, xi, torch.randn(3, 5), torch.randn(6, 5), 0.5, 0.1, False, True)))
+    for kind, xin, weight in ((1, torch.randn(4, 3, 5, 7), torch.randn(6, 3, 3, 3)),
+                              (2, torch.randn(4, 3, 5, 7), torch.randn(3, 6, 3, 3)),
+                              (0, torch.randn(4, 5), torch.randn(6, 5))):
+        bn = [torch.rand(6) + 0.5, torch.randn(6), torch.zeros(6), torch.ones(6), torch.zeros((), dtype=torch.long)]
+        conv = ([2, 1], [1, 0], [1, 0] if kind == 2 else [0, 0])
+        cases.append(("fused_layer_forward", (xin, weight, torch.randn(6), *bn, kind, *conv, True, True, 0.1, 1e-5, 2,
+                                              2, 0.2)))
+        y, x_used, pre, kept, mean, rstd = NATIVE.fused_layer_forward(xin, weight, None, *bn, kind, *conv, True, True,
+                                                                      0.1, 1e-5, 2, 2, 0.2)
+        x_used, kept = (x_used if x_used.numel() else xin), (kept if kept.numel() else y)  # empty: an alias
+        cases.append(("fused_layer_backward", (torch.randn_like(y), x_used, weight, False, pre, kept, mean, rstd, bn[0],
+                                               kind, *conv, True, True, 2, 2, 0.2, False, True, True)))
     cases.append(("linear_act", (x.clone().to(torch.bfloat16).requires_grad_(), w.to(torch.bfloat16),
                                  b.to(torch.bfloat16), 5, 0.2)))
     return cases

@@ -283,11 +283,14 @@ class Model(nn.Module):
 
     @property
     def input_shape(self) -> tuple:
-        """The per-sample shape of a batch: (C*H*W,) for the mlp architecture and custom networks,
-        (C, H, W) for the convolutional ones."""
-        if self.config["architecture"] == "mlp" or self.config["custom_networks"]:
-            return (self.config["input_dim"],)
-        return tuple(self.config["image_shape"])
+        """The per-sample shape of a batch: what the encoder's program takes ((C*H*W,) for the mlp
+        architecture, (C, H, W) for the convolutional ones); flat (input_dim,) for other custom modules."""
+        net = getattr(self.encoder, "net", None) if builtin.is_program_network(self.encoder) else None
+        if net is not None:
+            return net.in_shape
+        if self.config["mode"] == "gan" and builtin.is_program_network(self.discriminator):
+            return self.discriminator.net.in_shape
+        return (self.config["input_dim"],)
 
     @property
     def backend(self) -> str:

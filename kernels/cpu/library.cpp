@@ -1,6 +1,6 @@
 // The schemas of the native CPU ops, all in one place. The kernels (TORCH_LIBRARY_IMPL for CPU) live in
-// reparam_kl.cpp, gan_losses.cpp, linear_act.cpp and image_head.cpp, one file per op with its math, bytes
-// moved and autograd formula, and routed_step.cpp runs the training step over them; the fake (meta)
+// reparam_kl.cpp, gan_losses.cpp, linear_act.cpp, fused_layer.cpp and image_head.cpp, one file per op with its
+// math, bytes moved and autograd formula, and plan_step.cpp runs a training step's plan over them; the fake (meta)
 // implementations are registered from Python, in vaegan_fast/ops/_native.py. Load with
 // torch.ops.load_library(path) after importing torch.
 #include <torch/library.h>
@@ -32,31 +32,31 @@ TORCH_LIBRARY(vaegan_fast_native, m) {
   m.def(
       "linear_act_backward(Tensor grad_y, Tensor x, Tensor weight, Tensor saved, bool saved_is_output, "
       "int activation, float negative_slope, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
-  // The routed step's streams of layers, one call each (linear_act.cpp): the forward returns
-  // [y_0, kept_0, y_1, kept_1, ...]; the backward [dx, dW_0, db_0, ...], from the top layer down, on rows
-  // [row_start, row_end) of the cached inputs and saved tensors.
+  // The fused layer (fused_layer.cpp): kind 0 dense, 1 conv2d, 2 conv_transpose2d; the norm's running
+  // statistics and batch count are updated in place in training mode. forward -> [y, x as the product read
+  // it (empty: x itself), pre-norm a (empty without a norm), kept (the pre-activation; empty: y), mean, rstd
+  // ([groups, C]; empty without a norm)]; backward on the rows of the tensors given -> [dx, dW, db, dgamma, dbeta] (empty when
+  // not asked for).
   m.def(
-      "dense_chain_forward(Tensor x, Tensor[] weights, Tensor?[] biases, int[] activations, "
-      "float[] negative_slopes) -> Tensor[]");
+      "fused_layer_forward(Tensor x, Tensor weight, Tensor? bias, Tensor? norm_weight, Tensor? norm_bias, "
+      "Tensor(a!)? running_mean, Tensor(b!)? running_var, Tensor(c!)? num_batches_tracked, int kind, int[] stride, "
+      "int[] padding, int[] output_padding, bool norm, bool training, float momentum, float eps, int groups, "
+      "int activation, float negative_slope) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def(
-      "dense_chain_backward(Tensor grad_y, Tensor[] inputs, Tensor[] weights, Tensor[] saved, int[] has_bias, "
-      "int[] activations, float[] negative_slopes, int row_start, int row_end, bool weight_grads, "
-      "bool input_grad) -> Tensor[]");
-  // The routed step's image head (image_head.cpp): images = sigmoid(logits) written into `images`, and the
-  // pixel BCE term of the reconstruction rows (0 unless with_pixel); backward: (dec_up, enc_up), the
-  // gradients at the decoder's logits and at its reconstruction rows for the encoder.
+      "fused_layer_backward(Tensor dy, Tensor x, Tensor weight, bool has_bias, Tensor? pre, Tensor kept, "
+      "Tensor? mean, Tensor? rstd, Tensor? norm_weight, int kind, int[] stride, int[] padding, "
+      "int[] output_padding, bool norm, bool training, int groups, int activation, float negative_slope, "
+      "bool entry_pre_norm, bool need_dx, bool need_dw) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // The training step's image head (image_head.cpp): images = sigmoid(logits) written into `images` (B or 2B
+  // rows), and the pixel BCE term of the last B rows (0 unless with_pixel); backward: (dec_up, enc_up), the
+  // gradients at the decoder's logits [prior; rec] and at its reconstruction rows for the encoder.
   m.def("image_head_forward(Tensor logits, Tensor x, Tensor(a!) images, bool with_pixel) -> Tensor");
   m.def(
-      "image_head_backward(Tensor images, Tensor x, Tensor g_fake, Tensor u_rec, float gamma, "
-      "float pixel_factor, bool recon_as_fake) -> (Tensor, Tensor)");
-  // The whole routed training step in one call (routed_step.cpp; vaegan_fast/step.py is its specification):
-  // [encoder grads, decoder grads, discriminator grads (each network's parameter order), losses encoder,
-  // decoder, discriminator, kl, llike, generator, d_real, d_fake (, pixel when pixel_weight > 0)].
+      "image_head_backward(Tensor images, Tensor x, Tensor g, Tensor u, float gamma, float pixel_factor, "
+      "bool g_has_rec, bool u_has_prior) -> (Tensor, Tensor)");
+  // A training step's whole plan in one call (plan_step.cpp; vaegan_fast/step/execute.py is its specification):
+  // [each trained network's gradients in its parameter order, then the output slots].
   m.def(
-      "routed_step(Tensor x, Tensor eps, Tensor z_prior, "
-      "Tensor[] enc_weights, Tensor?[] enc_biases, int[] enc_activations, float[] enc_slopes, "
-      "Tensor[] dec_weights, Tensor?[] dec_biases, int[] dec_activations, float[] dec_slopes, "
-      "Tensor[] dis_weights, Tensor?[] dis_biases, int[] dis_activations, float[] dis_slopes, "
-      "int latent, int feature_layer, float gamma, float pixel_weight, bool recon_as_fake, bool saturating, "
-      "float logvar_min, float logvar_max) -> Tensor[]");
+      "plan_step(Tensor?[] inputs, int[] program, float[] program_floats, Tensor?[] layer_tensors, "
+      "int[] layer_table, float[] layer_floats, int[] networks, int[] outputs, int n_slots) -> Tensor[]");
 }

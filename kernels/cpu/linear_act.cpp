@@ -23,6 +23,7 @@
 // CPUs without AVX512-BF16 a bf16 GEMM is ~20x slower than the upcast plus an fp32 GEMM). The derivative
 // pass reads bf16 grad_y and writes bf16 ga, as eager does. The bias gradient is summed in fp32 (fp64 for
 // double) per row-task, tasks added in order: independent of the thread count.
+#include "activation.h"
 #include "common.h"
 
 #include <ATen/ops/gelu.h>
@@ -35,77 +36,6 @@
 
 namespace vaegan_fast_native {
 namespace {
-
-enum Act : int64_t { kIdentity = 0, kRelu = 1, kLeaky = 2, kTanh = 3, kSigmoid = 4, kGelu = 5 };
-
-bool keeps_preactivation(int64_t act, double slope) {
-  return act == kGelu || (act == kLeaky && slope <= 0.0);
-}
-
-template <typename A>
-struct GeluConst {
-  static constexpr A k0 = A(0.7978845608028654);  // sqrt(2 / pi)
-  static constexpr A k1 = A(0.044715);
-};
-
-// act(w) for one vector of pre-activations; slope is leaky_relu's negative slope.
-template <int64_t Act, typename V>
-inline V activate(const V& w, const V& slope) {
-  using A = typename V::value_type;
-  const V zero(A(0)), one(A(1));
-  if constexpr (Act == kIdentity) {
-    return w;
-  } else if constexpr (Act == kRelu) {
-    return at::vec::maximum(w, zero);
-  } else if constexpr (Act == kLeaky) {
-    return at::vec::maximum(w, zero) + slope * at::vec::minimum(w, zero);
-  } else if constexpr (Act == kTanh) {
-    return w.tanh();
-  } else if constexpr (Act == kSigmoid) {
-    return one / (one + w.neg().exp());
-  } else {  // gelu, tanh form
-    const V k0(GeluConst<A>::k0), k1(GeluConst<A>::k1);
-    return V(A(0.5)) * w * (one + (k0 * (w + k1 * w * w * w)).tanh());
-  }
-}
-
-// g * act'(.) for one vector, s being y or the pre-activation (see the header).
-template <int64_t Act, typename V>
-inline V derivative(const V& g, const V& s, const V& slope) {
-  using A = typename V::value_type;
-  const V zero(A(0)), one(A(1));
-  if constexpr (Act == kIdentity) {
-    return g;
-  } else if constexpr (Act == kRelu) {
-    return V::blendv(zero, g, s > zero);
-  } else if constexpr (Act == kLeaky) {
-    return V::blendv(slope * g, g, s > zero);
-  } else if constexpr (Act == kTanh) {
-    return g * (one - s * s);
-  } else if constexpr (Act == kSigmoid) {
-    return g * ((one - s) * s);
-  } else {  // gelu, tanh form
-    const V k0(GeluConst<A>::k0), k1(GeluConst<A>::k1), half(A(0.5));
-    const V th = (k0 * (s + k1 * s * s * s)).tanh();
-    const V left = half * (one + th);
-    const V right = half * s * (one - th * th) * k0 * (one + V(A(3)) * k1 * s * s);
-    return g * (left + right);
-  }
-}
-
-// f(std::integral_constant<int64_t, act>): the kernels below with the activation fixed at compile time, so
-// that no per-row or per-element switch runs.
-template <typename F>
-void with_activation(int64_t act, const F& f) {
-  switch (act) {
-    case kIdentity: return f(std::integral_constant<int64_t, kIdentity>{});
-    case kRelu: return f(std::integral_constant<int64_t, kRelu>{});
-    case kLeaky: return f(std::integral_constant<int64_t, kLeaky>{});
-    case kTanh: return f(std::integral_constant<int64_t, kTanh>{});
-    case kSigmoid: return f(std::integral_constant<int64_t, kSigmoid>{});
-    default: return f(std::integral_constant<int64_t, kGelu>{});
-  }
-}
 
 // In place over a [M, N]: a <- act(a + bias), or (keep_pre) y <- act(a + bias) and a <- a + bias.
 // Rows go in register chunks (common.h): with N of 32 to 128 a block loop per row had cost more in its
@@ -309,68 +239,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_act_backward(
   return {gx, gw, bias_grad};
 }
 
-// ---- one stream of layers per call (the routed training step, vaegan_fast/step.py) --------------------
-// The functions above, looped here: a network's forward, or one of the step's backward streams, is then one op
-// call instead of one per layer (a call from Python costs about as much as a small layer's products).
-//   dense_chain_forward   h_0 = x, (h_{i+1}, kept_i) = linear_act(h_i, W_i, b_i, act_i, slope_i)
-//                         -> [h_1, kept_0, h_2, kept_1, ...]   (kept_i empty unless the pre-activation is kept)
-//   dense_chain_backward  from the top layer L = len(W) - 1 down to 0, on rows [row_start, row_end) of the
-//                         cached inputs and saved tensors: g_L = dy, (g_{i-1}, dW_i, db_i) = linear_act_backward
-//                         -> [dx (g_{-1}; empty unless input_grad), dW_0, db_0, ..., dW_L, db_L]
-//                         (dW, db empty unless weight_grads; db empty for a layer without bias)
-std::vector<at::Tensor> dense_chain_forward(const at::Tensor& x, at::TensorList weights,
-                                            const c10::List<std::optional<at::Tensor>>& biases,
-                                            at::IntArrayRef activations, at::ArrayRef<double> slopes) {
-  const size_t n = weights.size();
-  TORCH_CHECK(n > 0 && biases.size() == n && activations.size() == n && slopes.size() == n,
-              "vaegan_fast native dense_chain_forward: weights, biases, activations and negative_slopes must "
-              "have one entry per layer");
-  std::vector<at::Tensor> out;
-  out.reserve(2 * n);
-  at::Tensor h = x;
-  for (size_t i = 0; i < n; ++i) {
-    auto [y, kept] = linear_act(h, weights[i], biases.get(i), activations[i], slopes[i]);
-    out.push_back(y);
-    out.push_back(kept);
-    h = y;
-  }
-  return out;
-}
-
-std::vector<at::Tensor> dense_chain_backward(const at::Tensor& dy, at::TensorList inputs, at::TensorList weights,
-                                             at::TensorList saved, at::IntArrayRef has_bias,
-                                             at::IntArrayRef activations, at::ArrayRef<double> slopes,
-                                             int64_t row_start, int64_t row_end, bool weight_grads,
-                                             bool input_grad) {
-  const int64_t n = static_cast<int64_t>(weights.size());
-  TORCH_CHECK(n > 0 && static_cast<int64_t>(inputs.size()) == n && static_cast<int64_t>(saved.size()) == n &&
-                  static_cast<int64_t>(has_bias.size()) == n && static_cast<int64_t>(activations.size()) == n &&
-                  static_cast<int64_t>(slopes.size()) == n,
-              "vaegan_fast native dense_chain_backward: inputs, weights, saved, has_bias, activations and "
-              "negative_slopes must have one entry per layer");
-  TORCH_CHECK(0 <= row_start && row_start < row_end && row_end <= inputs[0].size(0),
-              "vaegan_fast native dense_chain_backward: rows [", row_start, ", ", row_end, ") out of range");
-  const at::Tensor none = at::empty({0}, dy.options());
-  std::vector<at::Tensor> out(1 + 2 * n, none);
-  at::Tensor g = dy;
-  for (int64_t i = n - 1; i >= 0; --i) {
-    at::Tensor xi = inputs[i], si = saved[i];
-    if (row_start != 0 || row_end != xi.size(0)) {
-      xi = xi.narrow(0, row_start, row_end - row_start);
-      si = si.narrow(0, row_start, row_end - row_start);
-    }
-    const bool need_dx = i > 0 || input_grad;
-    const bool saved_is_output = !keeps_preactivation(activations[i], slopes[i]);
-    auto [gx, gw, gb] = linear_act_backward(g, xi, weights[i], si, saved_is_output, activations[i], slopes[i],
-                                            {need_dx, weight_grads, weight_grads && has_bias[i] != 0});
-    out[1 + 2 * i] = gw;
-    out[2 + 2 * i] = gb;
-    g = gx;
-  }
-  if (input_grad) out[0] = g;
-  return out;
-}
-
 // ---- autograd (in C++: no Python on the dispatch path) ------------------------------------------------
 namespace {
 using torch::autograd::AutogradContext;
@@ -451,8 +319,6 @@ TORCH_LIBRARY_IMPL(vaegan_fast_native, Autograd, m) { m.impl("linear_act", &line
 TORCH_LIBRARY_IMPL(vaegan_fast_native, CPU, m) {
   m.impl("linear_act", &linear_act);
   m.impl("linear_act_backward", &linear_act_backward);
-  m.impl("dense_chain_forward", &dense_chain_forward);
-  m.impl("dense_chain_backward", &dense_chain_backward);
 }
 
 }  // namespace vaegan_fast_native

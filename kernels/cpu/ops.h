@@ -1,4 +1,4 @@
-// The native ops' CPU functions, declared for use across files: routed_step.cpp runs the whole training step
+// The native ops' CPU functions, declared for use across files: plan_step.cpp runs a whole training step's plan
 // by calling them directly (no dispatcher, no Python between them). Each is defined, with its math and the
 // bytes it moves, in the file named beside it; the schemas are in library.cpp.
 #pragma once
@@ -6,6 +6,7 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/core/List.h>
 
+#include <array>
 #include <optional>
 #include <tuple>
 #include <vector>
@@ -25,20 +26,35 @@ std::vector<at::Tensor> softplus_losses(at::TensorList xs, at::ArrayRef<double> 
 std::tuple<at::Tensor, at::Tensor> feature_recon(const at::Tensor& a, const at::Tensor& b, bool need_grad);
 
 // linear_act.cpp
-std::vector<at::Tensor> dense_chain_forward(const at::Tensor& x, at::TensorList weights,
-                                            const c10::List<std::optional<at::Tensor>>& biases,
-                                            at::IntArrayRef activations, at::ArrayRef<double> slopes);
-std::vector<at::Tensor> dense_chain_backward(const at::Tensor& dy, at::TensorList inputs, at::TensorList weights,
-                                             at::TensorList saved, at::IntArrayRef has_bias,
-                                             at::IntArrayRef activations, at::ArrayRef<double> slopes,
-                                             int64_t row_start, int64_t row_end, bool weight_grads,
-                                             bool input_grad);
+std::tuple<at::Tensor, at::Tensor> linear_act(const at::Tensor& x, const at::Tensor& weight,
+                                              const std::optional<at::Tensor>& bias, int64_t act, double slope);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_act_backward(
+    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& saved,
+    bool saved_is_output, int64_t act, double slope, std::array<bool, 3> mask);
+
+using Tensors5 = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+using Tensors6 = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+// fused_layer.cpp: {y, x as the product read it, pre-norm a, kept (y or pre-activation), mean, rstd} and
+// {dx, dW, db, dgamma, dbeta}
+Tensors6 fused_layer_forward(
+    const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& norm_weight, const std::optional<at::Tensor>& norm_bias,
+    const std::optional<at::Tensor>& running_mean, const std::optional<at::Tensor>& running_var,
+    const std::optional<at::Tensor>& num_batches_tracked, int64_t kind, at::IntArrayRef stride,
+    at::IntArrayRef padding, at::IntArrayRef output_padding, bool norm, bool training, double momentum, double eps,
+    int64_t groups, int64_t act, double slope);
+Tensors5 fused_layer_backward(
+    const at::Tensor& dy, const at::Tensor& x, const at::Tensor& weight, bool has_bias,
+    const std::optional<at::Tensor>& pre, const at::Tensor& kept, const std::optional<at::Tensor>& mean,
+    const std::optional<at::Tensor>& rstd, const std::optional<at::Tensor>& norm_weight, int64_t kind,
+    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef output_padding, bool norm, bool training,
+    int64_t groups, int64_t act, double slope, bool entry_pre_norm, bool need_dx, bool need_dw);
 
 // image_head.cpp
 at::Tensor image_head_forward(const at::Tensor& logits, const at::Tensor& x, const at::Tensor& images,
                               bool with_pixel);
 std::tuple<at::Tensor, at::Tensor> image_head_backward(const at::Tensor& images, const at::Tensor& x,
-                                                       const at::Tensor& g_fake, const at::Tensor& u_rec,
-                                                       double gamma, double pixel_factor, bool recon_as_fake);
+                                                       const at::Tensor& g, const at::Tensor& u, double gamma,
+                                                       double pixel_factor, bool g_has_rec, bool u_has_prior);
 
 }  // namespace vaegan_fast_native

@@ -219,9 +219,8 @@ def linear_act_native(x: Tensor, weight: Tensor, bias: Optional[Tensor], activat
 
 
 # =========================================================================================================
-# dense_forward / dense_backward (ops/dense.py: the explicit training step's layer primitives, no autograd)
+# The dense layer's step primitives (no autograd), for ops/layer/: forward -> (y, what backward needs)
 # =========================================================================================================
-@_dispatch.register("dense_forward", "native")
 def dense_forward_native(x: Tensor, weight: Tensor, bias: Optional[Tensor], activation: str, negative_slope: float):
     _check_dtypes(x=x, weight=weight, bias=bias)
     index = _ACTIVATION_INDEX[activation]
@@ -229,7 +228,6 @@ def dense_forward_native(x: Tensor, weight: Tensor, bias: Optional[Tensor], acti
     return y, (pre if keeps_preactivation(index, float(negative_slope)) else y)
 
 
-@_dispatch.register("dense_backward", "native")
 def dense_backward_native(dy: Tensor, x: Tensor, weight: Tensor, saved: Tensor, has_bias: bool, activation: str,
                           negative_slope: float, need_dx: bool, need_dw: bool):
     _check_dtypes(dy=dy, x=x, weight=weight, saved=saved)
@@ -238,56 +236,6 @@ def dense_backward_native(dy: Tensor, x: Tensor, weight: Tensor, saved: Tensor, 
     dx, dw, db = _untracked(_ops.linear_act_backward, dy, x, weight, saved,
                             not keeps_preactivation(index, negative_slope), index, float(negative_slope), mask)
     return (dx if mask[0] else None), (dw if mask[1] else None), (db if mask[2] else None)
-
-
-# The chains (ops/dense.py): a network's forward or one backward stream in one C++ call, looping the same
-# functions as linear_act and linear_act_backward.
-@torch.library.register_fake("vaegan_fast_native::dense_chain_forward")
-def _(x, weights, biases, activations, negative_slopes):
-    out, rows = [], x.shape[0]
-    for w, act, slope in zip(weights, activations, negative_slopes):
-        out += [x.new_empty((rows, w.shape[0])),
-                x.new_empty((rows, w.shape[0]) if keeps_preactivation(act, slope) else (0,))]
-    return out
-
-
-@torch.library.register_fake("vaegan_fast_native::dense_chain_backward")
-def _(grad_y, inputs, weights, saved, has_bias, activations, negative_slopes, row_start, row_end, weight_grads,
-      input_grad):
-    rows = row_end - row_start
-    out = [grad_y.new_empty((rows, inputs[0].shape[1]) if input_grad else (0,))]
-    for w, bias in zip(weights, has_bias):
-        out += [grad_y.new_empty(w.shape if weight_grads else (0,)),
-                grad_y.new_empty((w.shape[0],) if weight_grads and bias else (0,))]
-    return out
-
-
-@_dispatch.register("dense_chain_forward", "native")
-def dense_chain_forward_native(layers: list, x: Tensor) -> tuple:
-    acts = [_ACTIVATION_INDEX[l.activation] for l in layers]
-    slopes = [float(l.negative_slope) for l in layers]
-    out = _untracked(_ops.dense_chain_forward, x, [l.weight for l in layers], [l.bias for l in layers], acts,
-                     slopes)
-    cache = []
-    for i, (act, slope) in enumerate(zip(acts, slopes)):
-        y = out[2 * i]
-        cache.append((x, out[2 * i + 1] if keeps_preactivation(act, slope) else y))
-        x = y
-    return x, cache
-
-
-@_dispatch.register("dense_chain_backward", "native")
-def dense_chain_backward_native(layers: list, cache: list, dy: Tensor, rows: slice, weight_grads: bool,
-                                input_grad: bool) -> tuple:
-    start, stop, _ = rows.indices(cache[0][0].shape[0])
-    out = _untracked(_ops.dense_chain_backward, dy, [c[0] for c in cache[:len(layers)]],
-                     [l.weight for l in layers], [c[1] for c in cache[:len(layers)]],
-                     [int(l.bias is not None) for l in layers], [_ACTIVATION_INDEX[l.activation] for l in layers],
-                     [float(l.negative_slope) for l in layers], start, stop, bool(weight_grads), bool(input_grad))
-    grads = None
-    if weight_grads:
-        grads = [(out[1 + 2 * i], out[2 + 2 * i] if l.bias is not None else None) for i, l in enumerate(layers)]
-    return (out[0] if input_grad else None), grads
 
 
 # =========================================================================================================
@@ -326,23 +274,14 @@ def _(logits, x, images, with_pixel):
 
 
 @torch.library.register_fake("vaegan_fast_native::image_head_backward")
-def _(images, x, g_fake, u_rec, gamma, pixel_factor, recon_as_fake):
-    return images.new_empty(images.shape), images.new_empty(x.shape)
-
-
-def _flat_rows(t: Tensor) -> Optional[Tensor]:
-    """t as a contiguous [rows, features] view, or None (the kernels read rows of contiguous memory)."""
-    return t.view(t.shape[0], -1) if t.is_contiguous() else None
+def _(images, x, g, u, gamma, pixel_factor, g_has_rec, u_has_prior):
+    return torch.empty_like(images), torch.empty_like(x)
 
 
 @_dispatch.register("image_head_forward", "native")
 def image_head_forward_native(logits: Tensor, x: Tensor, images: Tensor, with_pixel: bool):
     _check_dtypes(logits=logits, x=x, images=images)
-    flat = [_flat_rows(t) for t in (logits, x, images)]
-    if any(f is None for f in flat) or logits.shape[0] != 2 * x.shape[0]:
-        from .image_head import image_head_forward_reference
-        return image_head_forward_reference(logits, x, images, with_pixel)
-    pixel = _untracked(_ops.image_head_forward, *flat, with_pixel)
+    pixel = _untracked(_ops.image_head_forward, logits, x, images, with_pixel)
     return pixel if with_pixel else None
 
 
@@ -350,57 +289,11 @@ def image_head_forward_native(logits: Tensor, x: Tensor, images: Tensor, with_pi
 def image_head_backward_native(images: Tensor, x: Tensor, g: Tensor, u: Tensor, gamma: float, pixel_factor: float,
                                g_has_rec: bool, u_has_prior: bool, scale: Optional[Tensor]):
     _check_dtypes(images=images, x=x, g=g, u=u)
-    flat = [_flat_rows(t) for t in (images, x, g.contiguous(), u.contiguous())]
-    if scale is not None or u_has_prior or any(f is None for f in flat):
-        # fp16's loss scale (the native kernels take no fp16), u on the prior rows (a norm in the discriminator)
-        # or channels-last images: the reference
+    if scale is not None:  # fp16's loss scale: the native kernels take no fp16, so this is never the fast path
         from .image_head import image_head_backward_reference
         return image_head_backward_reference(images, x, g, u, gamma, pixel_factor, g_has_rec, u_has_prior, scale)
-    dec_up, enc_up = _untracked(_ops.image_head_backward, *flat, gamma, pixel_factor, g_has_rec)
-    return dec_up.view(images.shape), enc_up.view(x.shape)
+    return tuple(_untracked(_ops.image_head_backward, images, x, g, u, gamma, pixel_factor, g_has_rec,
+                            u_has_prior))
 
 
-# =========================================================================================================
-# The whole routed training step (vaegan_fast/step.py is its specification) in one C++ call
-# =========================================================================================================
-@torch.library.register_fake("vaegan_fast_native::routed_step")
-def _(x, eps, z_prior, enc_weights, enc_biases, enc_activations, enc_slopes, dec_weights, dec_biases,
-      dec_activations, dec_slopes, dis_weights, dis_biases, dis_activations, dis_slopes, latent, feature_layer,
-      gamma, pixel_weight, recon_as_fake, saturating, logvar_min, logvar_max):
-    grads = [x.new_empty(t.shape) for ws, bs in ((enc_weights, enc_biases), (dec_weights, dec_biases),
-                                                 (dis_weights, dis_biases))
-             for w, b in zip(ws, bs) for t in ((w,) if b is None else (w, b))]
-    return grads + [x.new_empty(()) for _ in range(9 if pixel_weight > 0 else 8)]
-
-
-ROUTED_STEP_LOSSES = ("encoder", "decoder", "discriminator", "kl", "llike", "generator", "d_real", "d_fake", "pixel")
-
-
-def _network_args(layers: list) -> list:
-    return [[l.weight for l in layers], [l.bias for l in layers], [_ACTIVATION_INDEX[l.activation] for l in layers],
-            [float(l.negative_slope) for l in layers]]
-
-
-@_dispatch.register("routed_step", "native")
-def routed_step_native(networks: dict, x: Tensor, eps: Tensor, z_prior: Tensor, latent: int, feature_layer: int,
-                       gamma: float, pixel_weight: float, recon_as_fake: bool, saturating: bool,
-                       logvar_range: tuple) -> tuple:
-    """({network: [grad per parameter]}, losses) of step.py's routed step, run by one C++ op.
-
-    ``networks`` maps "encoder", "decoder", "discriminator" to their fused linear layers (weight, bias,
-    activation, negative_slope), bottom to top."""
-    _check_dtypes(x=x, eps=eps, z_prior=z_prior)
-    names = ("encoder", "decoder", "discriminator")
-    args = [a for name in names for a in _network_args(networks[name])]
-    out = _untracked(_ops.routed_step, x, eps, z_prior, *args, int(latent), int(feature_layer), float(gamma),
-                     float(pixel_weight), bool(recon_as_fake), bool(saturating), float(logvar_range[0]),
-                     float(logvar_range[1]))
-    grads, at = {}, 0
-    for name in names:
-        count = sum(1 if l.bias is None else 2 for l in networks[name])
-        grads[name] = out[at:at + count]
-        at += count
-    return grads, dict(zip(ROUTED_STEP_LOSSES, out[at:]))
-
-
-from .layer import native as _layer_native  # noqa: E402,F401  (the fused layer's registrations)
+from .layer import native as _layer_native  # noqa: E402,F401  (the fused layer and the plan executor)

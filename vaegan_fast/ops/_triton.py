@@ -335,9 +335,8 @@ linear_act_triton.accepts_allow_tf32 = True
 
 
 # =========================================================================================================
-# Layer primitives of the explicit routed step (vaegan_fast/ops/dense.py): the same kernels, no autograd.
+# The dense layer's step primitives (no autograd), for ops/layer/: forward -> (y, what backward needs)
 # =========================================================================================================
-@_dispatch.register("dense_forward", "triton")
 def dense_forward_triton(x: Tensor, weight: Tensor, bias: Optional[Tensor], activation: str, negative_slope: float):
     _check_dtypes(x=x, weight=weight, bias=bias)
     save_preact = K_LINEAR.saves_preact(activation, negative_slope)
@@ -345,7 +344,6 @@ def dense_forward_triton(x: Tensor, weight: Tensor, bias: Optional[Tensor], acti
     return y, (a if save_preact else y)
 
 
-@_dispatch.register("dense_backward", "triton")
 def dense_backward_triton(dy: Tensor, x: Tensor, weight: Tensor, saved: Tensor, has_bias: bool, activation: str,
                           negative_slope: float, need_dx: bool, need_dw: bool):
     want_db = has_bias and need_dw

@@ -41,10 +41,18 @@ def layer_act_reference(spec, x, weight, bias, norm, training: bool):
 def norm_act_reference(spec, a, norm, training: bool):
     if norm is not None:
         dtype = a.dtype
-        low = acc_dtype(dtype) != dtype
-        a = F.batch_norm(a.float() if low else a, norm.running_mean, norm.running_var, norm.weight, norm.bias,
-                         training, norm.momentum, norm.eps)
-        a = a.to(dtype) if low else a
+        acc = acc_dtype(dtype)
+        if acc == dtype:
+            a = F.batch_norm(a, norm.running_mean, norm.running_var, norm.weight, norm.bias, training, norm.momentum,
+                             norm.eps)
+        else:  # low precision: the norm in fp32, the running averages kept in their own dtype
+            mean, var = norm.running_mean.to(acc), norm.running_var.to(acc)
+            a = F.batch_norm(a.to(acc), mean, var, norm.weight.to(acc), norm.bias.to(acc), training, norm.momentum,
+                             norm.eps).to(dtype)
+            if training and mean.data_ptr() != norm.running_mean.data_ptr():
+                with torch.no_grad():
+                    norm.running_mean.copy_(mean)
+                    norm.running_var.copy_(var)
     return apply_activation(a, spec.activation, spec.negative_slope)
 
 

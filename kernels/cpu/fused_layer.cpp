@@ -1,0 +1,472 @@
+// The fused layer on the CPU (vaegan_fast/ops/layer/reference.py is its specification): a product, its bias, an
+// optional batch norm and an activation.
+//
+//   forward   a = product(x) + bias        dense: at::mm / at::addmm; conv2d and conv_transpose2d: at::convolution
+//                                           on channels-last tensors (oneDNN), the bias added inside it
+//             norm (training)               per group g of rows and channel c of the [M, C] matrix a (M = N H W:
+//                                           channels-last memory is that matrix): mean and biased variance in
+//                                           two passes; the running averages updated as nn.BatchNorm does
+//             y = act(a * k + s)            one pass: k = gamma rstd, s = beta - mean k per (g, c); without a
+//                                           norm, y = act(a) in place (none for the identity)
+//   backward  dh = dy * act'(kept)          never written out:
+//             norm (training)               pass 1: s1 = sum dh, s2 = sum dh (a - mean) per (g, c) (-> dbeta,
+//                                           dgamma = s2 rstd); pass 2: da = k dh + k2 a + k3 with
+//                                           k2 = -k rstd^2 s2 / m, k3 = k (rstd^2 s2 mean - s1) / m
+//             norm (eval)                   da = dh k, and s1, s2 for the affine parameters, in one pass
+//             dx, dW, db                    dense: at::mm (and the column sums of da); conv:
+//                                           at::convolution_backward (oneDNN)
+//
+// Bytes moved besides the products, n = M C values of size e: forward with a norm reads a three times and
+// writes y (4 n e; + n e when the pre-activation is kept); backward reads dy, kept and a twice and writes da
+// (7 n e). Eager PyTorch: batch_norm (3 reads, 1 write), the activation (1 read, 1 write), and in backward the
+// activation's derivative (2 reads, 1 write) then batch_norm_backward (3 reads of dh and a, 1 write).
+//
+// bf16: the products run in fp32 on upcast operands (see linear_act.cpp) and a is rounded to bf16 once; the
+// norm and its statistics compute in fp32. Sums: fixed tasks of rows within one group, a partial per task,
+// partials added in task order in double: the same bits with any thread count.
+#include "activation.h"
+#include "common.h"
+#include "ops.h"
+
+#include <ATen/ops/addmm.h>
+#include <ATen/ops/convolution.h>
+#include <ATen/ops/convolution_backward.h>
+#include <ATen/ops/zeros.h>
+
+namespace vaegan_fast_native {
+namespace {
+
+enum Kind : int64_t { kDense = 0, kConv = 1, kConvTranspose = 2 };
+
+// Rows per task of a [rows, C] pass: about kTask values (fixed: the results do not depend on the threads).
+int64_t rows_per_task(int64_t C) { return std::max<int64_t>(1, kTask / std::max<int64_t>(C, 1)); }
+
+// Per-(group, channel) sums of f(row pointer, chunk) over the rows of each group, in double: the tasks are row
+// blocks inside one group, each task's partial in its own slot, the slots added in task order.
+template <typename T, typename F>
+std::vector<double> group_channel_sums(int64_t M, int64_t C, int64_t G, int64_t width, const F& f) {
+  using A = acc_t<T>;
+  const int64_t Mg = M / G, R = rows_per_task(C), per_group = ceil_div(Mg, R);
+  std::vector<A> partials(G * per_group * width * C, A(0));
+  for_tasks(G * per_group, [&](int64_t task) {
+    const int64_t g = task / per_group, r0 = g * Mg + (task % per_group) * R;
+    const int64_t r1 = std::min(g * Mg + Mg, r0 + R);
+    A* const out = partials.data() + task * width * C;
+    for (int64_t r = r0; r < r1; ++r) f(r, g, out);
+  });
+  std::vector<double> sums(G * width * C, 0.0);
+  for (int64_t g = 0; g < G; ++g)
+    for (int64_t t = 0; t < per_group; ++t) {
+      const A* p = partials.data() + (g * per_group + t) * width * C;
+      for (int64_t j = 0; j < width * C; ++j) sums[g * width * C + j] += static_cast<double>(p[j]);
+    }
+  return sums;
+}
+
+// chunk += src over the channels of one row (register chunks, common.h).
+template <typename T, typename Load>
+inline void accumulate_row(acc_t<T>* acc, int64_t C, const Load& load) {
+  using A = acc_t<T>;
+  for_chunks<T>(0, C, [&](int64_t j, int64_t m) {
+    Chunk<A> s;
+    s.load(acc + j, m);
+    Chunk<T> v = load(j, m);
+    for (int k = 0; k < Chunk<T>::kVecs; ++k) s.v[k] = s.v[k] + v.v[k];
+    s.store(acc + j, m);
+  });
+}
+
+// mean and biased variance per (group, channel), two passes over a.
+template <typename T>
+void batch_stats(const T* a, int64_t M, int64_t C, int64_t G, std::vector<double>& mean, std::vector<double>& var) {
+  using A = acc_t<T>;
+  const double count = double(M / G);
+  auto sums = group_channel_sums<T>(M, C, G, 1, [&](int64_t r, int64_t, A* out) {
+    const T* row = a + r * C;
+    accumulate_row<T>(out, C, [&](int64_t j, int64_t m) { Chunk<T> c; c.load(row + j, m); return c; });
+  });
+  mean.assign(G * C, 0.0);
+  for (int64_t i = 0; i < G * C; ++i) mean[i] = sums[i] / count;
+  std::vector<A> mean_acc(mean.begin(), mean.end());
+  auto sq = group_channel_sums<T>(M, C, G, 1, [&](int64_t r, int64_t g, A* out) {
+    const T* row = a + r * C;
+    const A* mu = mean_acc.data() + g * C;
+    accumulate_row<T>(out, C, [&](int64_t j, int64_t m) {
+      Chunk<T> c;
+      c.load(row + j, m);
+      Chunk<A> mc;
+      mc.load(mu + j, m);
+      for (int k = 0; k < Chunk<T>::kVecs; ++k) {
+        const auto d = c.v[k] - mc.v[k];
+        c.v[k] = d * d;
+      }
+      return c;
+    });
+  });
+  var.assign(G * C, 0.0);
+  for (int64_t i = 0; i < G * C; ++i) var[i] = sq[i] / count;
+}
+
+// y = act(a * k + s) per (group, channel); h (the pre-activation) too when it is kept.
+template <int64_t Act, typename T>
+void affine_act_kernel(const T* a, T* y, T* h, const acc_t<T>* k, const acc_t<T>* s, int64_t M, int64_t C, int64_t G,
+                       acc_t<T> slope) {
+  using A = acc_t<T>;
+  using Ch = Chunk<T>;
+  using V = typename Ch::V;
+  const int64_t Mg = M / G, R = rows_per_task(C);
+  for_tasks(ceil_div(M, R), [&](int64_t task) {
+    const T* const a_ = a;  // locals, not captures: see for_tasks
+    T* const y_ = y;
+    T* const h_ = h;
+    const int64_t cols = C, group_rows = Mg, r1 = std::min(M, (task + 1) * R);
+    const V slope_(slope);
+    for (int64_t r = task * R; r < r1; ++r) {
+      const A* kg = k + (r / group_rows) * cols;
+      const A* sg = s + (r / group_rows) * cols;
+      for_chunks<T>(0, cols, [&](int64_t j, int64_t m) {
+        Ch c;
+        c.load(a_ + r * cols + j, m);
+        Chunk<A> ck, cs;
+        ck.load(kg + j, m);
+        cs.load(sg + j, m);
+        for (int q = 0; q < Ch::kVecs; ++q) c.v[q] = at::vec::fmadd(c.v[q], ck.v[q], cs.v[q]);
+        if (h_) c.store(h_ + r * cols + j, m);
+        for (int q = 0; q < Ch::kVecs; ++q) c.v[q] = activate<Act>(c.v[q], slope_);
+        c.store(y_ + r * cols + j, m);
+      });
+    }
+  });
+}
+
+// In place: y = act(y), h keeping the pre-activation when asked (no norm, the bias already added).
+template <int64_t Act, typename T>
+void act_in_place(T* y, T* h, int64_t M, int64_t C, acc_t<T> slope) {
+  using Ch = Chunk<T>;
+  using V = typename Ch::V;
+  const int64_t R = rows_per_task(C);
+  for_tasks(ceil_div(M, R), [&](int64_t task) {
+    T* const y_ = y;
+    T* const h_ = h;
+    const int64_t cols = C, r1 = std::min(M, (task + 1) * R);
+    const V slope_(slope);
+    for (int64_t r = task * R; r < r1; ++r)
+      for_chunks<T>(0, cols, [&](int64_t j, int64_t m) {
+        Ch c;
+        c.load(y_ + r * cols + j, m);
+        if (h_) c.store(h_ + r * cols + j, m);
+        for (int q = 0; q < Ch::kVecs; ++q) c.v[q] = activate<Act>(c.v[q], slope_);
+        c.store(y_ + r * cols + j, m);
+      });
+  });
+}
+
+// dh = dy * act'(kept) for one chunk of row r at channel j.
+template <int64_t Act, typename T>
+inline Chunk<T> grad_pre_act(const T* dy, const T* kept, int64_t off, int64_t m,
+                             const typename Chunk<T>::V& slope) {
+  Chunk<T> g;
+  g.load(dy + off, m);
+  if constexpr (Act != kIdentity) {
+    Chunk<T> s;
+    s.load(kept + off, m);
+    for (int q = 0; q < Chunk<T>::kVecs; ++q) g.v[q] = derivative<Act>(g.v[q], s.v[q], slope);
+  }
+  return g;
+}
+
+// out[r] = dh * k + a * k2 + k3 per (group, channel) (k2 = k3 = 0 for eval mode: da = dh k).
+template <int64_t Act, typename T>
+void norm_backward_apply(const T* dy, const T* kept, const T* a, T* da, const acc_t<T>* k, const acc_t<T>* k2,
+                         const acc_t<T>* k3, int64_t M, int64_t C, int64_t G, acc_t<T> slope) {
+  using A = acc_t<T>;
+  using Ch = Chunk<T>;
+  using V = typename Ch::V;
+  const int64_t Mg = M / G, R = rows_per_task(C);
+  for_tasks(ceil_div(M, R), [&](int64_t task) {
+    const T* const dy_ = dy;
+    const T* const kept_ = kept;
+    const T* const a_ = a;
+    T* const da_ = da;
+    const int64_t cols = C, group_rows = Mg, r1 = std::min(M, (task + 1) * R);
+    const V slope_(slope);
+    for (int64_t r = task * R; r < r1; ++r) {
+      const int64_t g = r / group_rows;
+      for_chunks<T>(0, cols, [&](int64_t j, int64_t m) {
+        const int64_t off = r * cols + j;
+        Ch h = grad_pre_act<Act, T>(dy_, kept_, off, m, slope_);
+        Chunk<A> ck;
+        ck.load(k + g * cols + j, m);
+        if (k2) {
+          Ch av;
+          av.load(a_ + off, m);
+          Chunk<A> ck2, ck3;
+          ck2.load(k2 + g * cols + j, m);
+          ck3.load(k3 + g * cols + j, m);
+          for (int q = 0; q < Ch::kVecs; ++q)
+            h.v[q] = at::vec::fmadd(h.v[q], ck.v[q], at::vec::fmadd(av.v[q], ck2.v[q], ck3.v[q]));
+        } else {
+          for (int q = 0; q < Ch::kVecs; ++q) h.v[q] = h.v[q] * ck.v[q];
+        }
+        h.store(da_ + off, m);
+      });
+    }
+  });
+}
+
+// da = dy * act'(kept) written out (no norm), or nothing for the identity.
+template <int64_t Act, typename T>
+void act_backward(const T* dy, const T* kept, T* da, int64_t M, int64_t C, acc_t<T> slope) {
+  using Ch = Chunk<T>;
+  using V = typename Ch::V;
+  const int64_t R = rows_per_task(C);
+  for_tasks(ceil_div(M, R), [&](int64_t task) {
+    const T* const dy_ = dy;
+    const T* const kept_ = kept;
+    T* const da_ = da;
+    const int64_t cols = C, r1 = std::min(M, (task + 1) * R);
+    const V slope_(slope);
+    for (int64_t r = task * R; r < r1; ++r)
+      for_chunks<T>(0, cols, [&](int64_t j, int64_t m) {
+        grad_pre_act<Act, T>(dy_, kept_, r * cols + j, m, slope_).store(da_ + r * cols + j, m);
+      });
+  });
+}
+
+// The [M, C] row-major memory of a dense output or a channels-last conv output (a copy only if it is neither).
+at::Tensor rows_layout(const at::Tensor& t) {
+  if (t.dim() == 2) return t.contiguous();
+  return t.contiguous(at::MemoryFormat::ChannelsLast);
+}
+
+int64_t matrix_rows(const at::Tensor& t) { return t.numel() / t.size(1); }
+
+at::ScalarType product_dtype(at::ScalarType dtype) { return dtype == at::kBFloat16 ? at::kFloat : dtype; }
+
+at::Tensor product(int64_t kind, const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                   at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef output_padding) {
+  if (kind == kDense) return bias ? at::addmm(*bias, x, weight.t()) : at::mm(x, weight.t());
+  return at::convolution(x, weight, bias, stride, padding, {1, 1}, kind == kConvTranspose, output_padding, 1);
+}
+
+std::optional<at::Tensor> defined(const std::optional<at::Tensor>& t) {
+  return t.has_value() && t->defined() ? t : std::nullopt;
+}
+
+}  // namespace
+
+Tensors6 fused_layer_forward(
+    const at::Tensor& x_, const at::Tensor& weight_, const std::optional<at::Tensor>& bias_,
+    const std::optional<at::Tensor>& norm_weight, const std::optional<at::Tensor>& norm_bias,
+    const std::optional<at::Tensor>& running_mean, const std::optional<at::Tensor>& running_var,
+    const std::optional<at::Tensor>& num_batches_tracked, int64_t kind, at::IntArrayRef stride,
+    at::IntArrayRef padding, at::IntArrayRef output_padding, bool norm, bool training, double momentum, double eps,
+    int64_t groups, int64_t act, double slope) {
+  check_dtype(x_, "fused_layer_forward", "x");
+  check_dtype(weight_, "fused_layer_forward", "weight");
+  const auto dtype = x_.scalar_type();
+  TORCH_CHECK(weight_.scalar_type() == dtype, "vaegan_fast native fused_layer_forward: weight has dtype ",
+              weight_.scalar_type(), ", x has ", dtype);
+  TORCH_CHECK(kind >= kDense && kind <= kConvTranspose && act >= kIdentity && act <= kGelu,
+              "vaegan_fast native fused_layer_forward: unknown kind ", kind, " or activation ", act);
+  TORCH_CHECK(x_.dim() == (kind == kDense ? 2 : 4) && x_.size(0) > 0 && groups >= 1 && x_.size(0) % groups == 0,
+              "vaegan_fast native fused_layer_forward: x must be ", kind == kDense ? "[N, K]" : "[N, C, H, W]",
+              " with N a multiple of ", groups, " groups, got ", x_.sizes());
+  const auto bias = defined(bias_);
+  TORCH_CHECK(!norm || (defined(norm_weight) && defined(norm_bias) && defined(running_mean) && defined(running_var)),
+              "vaegan_fast native fused_layer_forward: a norm needs its weight, bias and running statistics");
+  // The operands as the product reads them: channels-last for convolutions (oneDNN's layout), fp32 for bf16.
+  const at::Tensor x = kind == kDense ? x_.contiguous() : x_.contiguous(at::MemoryFormat::ChannelsLast);
+  const auto pdt = product_dtype(dtype);
+  std::optional<at::Tensor> bias_p;
+  if (bias) bias_p = bias->to(pdt);
+  at::Tensor a = product(kind, x.to(pdt), weight_.to(pdt), bias_p, stride, padding, output_padding);
+  a = rows_layout(a.to(dtype));
+  const int64_t M = matrix_rows(a), C = a.size(1);
+  // Each empty output its own tensor: a custom op's outputs must not alias one another.
+  auto none = [&] { return at::empty({0}, a.options()); };
+  const bool keep_pre = keeps_preactivation(act, slope);
+  if (!norm) {
+    at::Tensor kept = keep_pre ? at::empty_like(a) : none();
+    if (act != kIdentity && M * C > 0) {
+      VFN_DISPATCH(dtype, "fused_layer_forward", [&] {
+        with_activation(act, [&](auto activation) {
+          act_in_place<decltype(activation)::value, scalar_t>(a.mutable_data_ptr<scalar_t>(),
+                                                              keep_pre ? kept.mutable_data_ptr<scalar_t>() : nullptr,
+                                                              M, C, acc_t<scalar_t>(slope));
+        });
+      });
+    }
+    // Outputs never alias inputs or each other (a custom op's contract): an empty x_used means x itself, an
+    // empty kept means y.
+    return {a, x.is_same(x_) ? none() : x, none(), kept, none(), none()};
+  }
+  const auto acc = dtype == at::kDouble ? at::kDouble : at::kFloat;
+  const int64_t G = training ? groups : 1;
+  std::vector<double> mean, var;
+  if (training) {
+    VFN_DISPATCH(dtype, "fused_layer_forward", [&] { batch_stats<scalar_t>(a.const_data_ptr<scalar_t>(), M, C, G,
+                                                                          mean, var); });
+  } else {
+    auto rm = running_mean->to(at::kDouble).contiguous(), rv = running_var->to(at::kDouble).contiguous();
+    mean.assign(rm.const_data_ptr<double>(), rm.const_data_ptr<double>() + C);
+    var.assign(rv.const_data_ptr<double>(), rv.const_data_ptr<double>() + C);
+  }
+  auto gamma = norm_weight->to(at::kDouble).contiguous(), beta = norm_bias->to(at::kDouble).contiguous();
+  at::Tensor mean_t = at::empty({G, C}, a.options().dtype(acc)), rstd_t = at::empty({G, C}, a.options().dtype(acc));
+  at::Tensor y = at::empty_like(a), kept = keep_pre ? at::empty_like(a) : none();
+  VFN_DISPATCH(dtype, "fused_layer_forward", [&] {
+    using A = acc_t<scalar_t>;
+    std::vector<A> k(G * C), s(G * C);
+    A* mp = mean_t.mutable_data_ptr<A>();
+    A* rp = rstd_t.mutable_data_ptr<A>();
+    for (int64_t i = 0; i < G * C; ++i) {
+      const double rstd = 1.0 / std::sqrt(var[i] + eps), g = gamma.const_data_ptr<double>()[i % C];
+      mp[i] = A(mean[i]);
+      rp[i] = A(rstd);
+      k[i] = A(g * rstd);
+      s[i] = A(beta.const_data_ptr<double>()[i % C] - mean[i] * g * rstd);
+    }
+    with_activation(act, [&](auto activation) {
+      affine_act_kernel<decltype(activation)::value, scalar_t>(
+          a.const_data_ptr<scalar_t>(), y.mutable_data_ptr<scalar_t>(),
+          keep_pre ? kept.mutable_data_ptr<scalar_t>() : nullptr, k.data(), s.data(), M, C, G, A(slope));
+    });
+  });
+  if (training) {
+    // nn.BatchNorm's running averages, one update per group in row order (unbiased variance).
+    const double count = double(M / G), unbias = count / std::max(count - 1.0, 1.0);
+    auto mean_g = at::from_blob(mean.data(), {G, C}, at::TensorOptions().dtype(at::kDouble)).to(acc, false, true);
+    auto var_g = at::from_blob(var.data(), {G, C}, at::TensorOptions().dtype(at::kDouble)).to(acc, false, true);
+    for (int64_t g = 0; g < G; ++g) {
+      running_mean->mul_(1 - momentum).add_(mean_g[g].to(running_mean->scalar_type()), momentum);
+      running_var->mul_(1 - momentum).add_((var_g[g] * unbias).to(running_var->scalar_type()), momentum);
+    }
+    if (defined(num_batches_tracked)) num_batches_tracked->add_(G);
+  }
+  return {y, x.is_same(x_) ? none() : x, a, kept, mean_t, rstd_t};
+}
+
+Tensors5 fused_layer_backward(
+    const at::Tensor& dy_, const at::Tensor& x, const at::Tensor& weight_, bool has_bias,
+    const std::optional<at::Tensor>& pre_, const at::Tensor& kept_, const std::optional<at::Tensor>& mean,
+    const std::optional<at::Tensor>& rstd, const std::optional<at::Tensor>& norm_weight, int64_t kind,
+    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef output_padding, bool norm, bool training,
+    int64_t groups, int64_t act, double slope, bool entry_pre_norm, bool need_dx, bool need_dw) {
+  check_dtype(x, "fused_layer_backward", "x");
+  const auto dtype = x.scalar_type();
+  auto none = [&] { return at::empty({0}, x.options()); };
+  const at::Tensor dy = rows_layout(dy_.to(dtype));
+  const int64_t M = matrix_rows(dy), C = dy.size(1);
+  at::Tensor da = dy, dgamma = none(), dbeta = none();
+  if (!entry_pre_norm && (norm || act != kIdentity)) {
+    const at::Tensor kept = act != kIdentity ? rows_layout(kept_) : at::Tensor();
+    TORCH_CHECK(!kept.defined() || kept.sizes() == dy.sizes(),
+                "vaegan_fast native fused_layer_backward: the saved tensor does not match dy ", dy.sizes());
+    da = at::empty_like(dy);
+    if (!norm) {
+      VFN_DISPATCH(dtype, "fused_layer_backward", [&] {
+        with_activation(act, [&](auto activation) {
+          act_backward<decltype(activation)::value, scalar_t>(dy.const_data_ptr<scalar_t>(),
+                                                              kept.defined() ? kept.const_data_ptr<scalar_t>() : nullptr,
+                                                              da.mutable_data_ptr<scalar_t>(), M, C,
+                                                              acc_t<scalar_t>(slope));
+        });
+      });
+    } else {
+      const at::Tensor pre = rows_layout(*pre_);
+      const int64_t G = training ? groups : 1;
+      TORCH_CHECK(G >= 1 && mean.has_value() && rstd.has_value() && pre_.has_value() && mean->size(0) == G &&
+                      M % G == 0, "vaegan_fast native fused_layer_backward: ", G,
+                  " groups of statistics for ", M, " rows");
+      auto gamma = norm_weight->to(at::kDouble).contiguous();
+      auto mean_d = mean->to(at::kDouble).contiguous(), rstd_d = rstd->to(at::kDouble).contiguous();
+      VFN_DISPATCH(dtype, "fused_layer_backward", [&] {
+        using A = acc_t<scalar_t>;
+        std::vector<A> mean_a(mean_d.const_data_ptr<double>(), mean_d.const_data_ptr<double>() + G * C);
+        const scalar_t* dyp = dy.const_data_ptr<scalar_t>();
+        const scalar_t* kp = kept.defined() ? kept.const_data_ptr<scalar_t>() : nullptr;
+        const scalar_t* ap = pre.const_data_ptr<scalar_t>();
+        std::vector<double> sums;
+        with_activation(act, [&](auto activation) {
+          constexpr int64_t Act = decltype(activation)::value;
+          const typename Chunk<scalar_t>::V slope_v(static_cast<A>(slope));
+          // s1 = sum dh, s2 = sum dh (a - mean): [G, 2, C]
+          sums = group_channel_sums<scalar_t>(M, C, G, 2, [&](int64_t r, int64_t g, A* out) {
+            const A* mu = mean_a.data() + g * C;
+            for_chunks<scalar_t>(0, C, [&](int64_t j, int64_t m) {
+              const int64_t off = r * C + j;
+              Chunk<scalar_t> h = grad_pre_act<Act, scalar_t>(dyp, kp, off, m, slope_v);
+              Chunk<scalar_t> av;
+              av.load(ap + off, m);
+              Chunk<A> mc, s1, s2;
+              mc.load(mu + j, m);
+              s1.load(out + j, m);
+              s2.load(out + C + j, m);
+              for (int q = 0; q < Chunk<scalar_t>::kVecs; ++q) {
+                s1.v[q] = s1.v[q] + h.v[q];
+                s2.v[q] = at::vec::fmadd(h.v[q], av.v[q] - mc.v[q], s2.v[q]);
+              }
+              s1.store(out + j, m);
+              s2.store(out + C + j, m);
+            });
+          });
+        });
+        std::vector<A> k(G * C), k2(G * C), k3(G * C);
+        std::vector<double> dg(C, 0.0), db(C, 0.0);
+        const double count = double(M / G);
+        for (int64_t g = 0; g < G; ++g)
+          for (int64_t c = 0; c < C; ++c) {
+            const int64_t i = g * C + c;
+            const double s1 = sums[g * 2 * C + c], s2 = sums[g * 2 * C + C + c];
+            const double r = rstd_d.const_data_ptr<double>()[i], kk = gamma.const_data_ptr<double>()[c] * r;
+            dg[c] += s2 * r;
+            db[c] += s1;
+            k[i] = A(kk);
+            k2[i] = training ? A(-kk * r * r * s2 / count) : A(0);
+            k3[i] = training ? A(kk * (r * r * s2 * mean_d.const_data_ptr<double>()[i] - s1) / count) : A(0);
+          }
+        with_activation(act, [&](auto activation) {
+          norm_backward_apply<decltype(activation)::value, scalar_t>(
+              dyp, kp, ap, da.mutable_data_ptr<scalar_t>(), k.data(), training ? k2.data() : nullptr,
+              training ? k3.data() : nullptr, M, C, G, A(slope));
+        });
+        if (need_dw) {
+          dgamma = at::from_blob(dg.data(), {C}, at::TensorOptions().dtype(at::kDouble)).to(dtype, false, true);
+          dbeta = at::from_blob(db.data(), {C}, at::TensorOptions().dtype(at::kDouble)).to(dtype, false, true);
+        }
+      });
+    }
+  }
+  // The products' backward, in fp32 for bf16.
+  const auto pdt = product_dtype(dtype);
+  const at::Tensor da_p = da.to(pdt), x_p = x.to(pdt), w_p = weight_.to(pdt);
+  at::Tensor dx = none(), dw = none(), db = none();
+  if (kind == kDense) {
+    const at::Tensor dam = da_p.dim() == 2 ? da_p : da_p.reshape({M, C});
+    if (need_dx) dx = at::mm(dam, w_p).to(dtype);
+    if (need_dw) {
+      dw = at::mm(dam.t(), x_p).to(dtype);
+      if (has_bias) db = dam.sum(0).to(dtype);
+    }
+  } else if (need_dx || need_dw) {
+    const int64_t out_channels = kind == kConv ? weight_.size(0) : weight_.size(1);
+    std::vector<int64_t> bias_sizes = {out_channels};
+    auto [gx, gw, gb] = at::convolution_backward(
+        da_p, x_p, w_p, has_bias && need_dw ? std::optional<at::IntArrayRef>(bias_sizes) : std::nullopt, stride,
+        padding, {1, 1}, kind == kConvTranspose, output_padding, 1, {need_dx, need_dw, has_bias && need_dw});
+    if (need_dx) dx = gx.to(dtype);
+    if (need_dw) {
+      dw = gw.to(dtype).contiguous();  // oneDNN may hand it back channels-last: the weight's own layout
+      if (has_bias) db = gb.to(dtype);
+    }
+  }
+  return {dx, dw, db, dgamma, dbeta};
+}
+
+TORCH_LIBRARY_IMPL(vaegan_fast_native, CPU, m) {
+  m.impl("fused_layer_forward", &fused_layer_forward);
+  m.impl("fused_layer_backward", &fused_layer_backward);
+}
+
+}  // namespace vaegan_fast_native
