@@ -256,3 +256,26 @@ def test_evaluate_refuses_a_checkpoint_of_other_images(tmp_path, capsys):
         tmp_path / "rgb.pt")
     one_error_line(capsys, ["evaluate", "--checkpoint", str(tmp_path / "rgb.pt"), "--samples", "10"],
                    "1x28x28", "3x8x8", code=1)
+
+
+def test_conv_presets_train_sample_and_evaluate_through_the_cli(tmp_path, capsys):
+    from PIL import Image
+    import numpy as np
+    folder = tmp_path / "rgb"
+    folder.mkdir()
+    rng = np.random.default_rng(1)
+    for i in range(6):
+        Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    out = tmp_path / "larsen"
+    assert main(["train", "--data", str(folder), "--preset", "larsen64", "--steps", "2", "--batch-size", "3",
+                 "--out", str(out), "--no-progress", "--device", "cpu"]) == 0
+    model = Model.load(out / "checkpoint.pt")
+    assert model.config["architecture"] == "larsen64" and model.config["image_shape"] == (3, 16, 16)
+    assert model.sample(2).shape == (2, 3, 16, 16)
+    assert main(["sample", "--checkpoint", str(out / "checkpoint.pt"), "--out", str(tmp_path / "s.png"), "-n", "4"]) == 0
+    capsys.readouterr()
+    assert main(["evaluate", "--checkpoint", str(out / "checkpoint.pt"), "--data", str(folder)]) == 0
+    said = capsys.readouterr().out
+    assert "reconstruction MSE" in said and "covers only Fashion-MNIST" in said
+    one_error_line(capsys, ["train", "--data", "synthetic", "--preset", "larsen64", "--steps", "1", "--out",
+                            str(tmp_path / "bad"), "--no-progress"], "divisible by 8", "--image-size", code=1)

@@ -129,8 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("evaluate", help="reconstruction MSE, KL, FID (classifier features), precision/recall")
     e.add_argument("--checkpoint", required=True)
-    e.add_argument("--data", default="fashion-mnist", choices=("fashion-mnist",),
-                   help="the test split evaluated against (the feature classifier knows Fashion-MNIST only)")
+    e.add_argument("--data", default="fashion-mnist",
+                   help="the test set: fashion-mnist's test split (default), or a folder of images of the "
+                        "checkpoint's shape (reconstruction and KL only: the FID classifier knows Fashion-MNIST only)")
     e.add_argument("--samples", type=positive_int, default=10000,
                    help="generated images compared with the test split (at least 4)")
     e.add_argument("--seed", type=nonnegative_int, default=0)
@@ -191,13 +192,16 @@ def _evaluate(args) -> int:
                          f"its 3 nearest neighbours), got {args.samples}")
     if args.json:
         _check_output_file(args.json, ".json")
-    result = evaluate_checkpoint(args.checkpoint, args.samples, args.seed, args.classifier)
+    result = evaluate_checkpoint(args.checkpoint, args.samples, args.seed, args.classifier, args.data)
     labels = {"reconstruction_mse": "reconstruction MSE (test, per pixel)", "kl": "mean KL (test)",
               "fid_classifier": "FID (Fashion-MNIST classifier features)", "precision": "precision (k=3)",
               "recall": "recall (k=3)", "classifier_test_accuracy": "feature classifier test accuracy"}
     for key, label in labels.items():
         value = result[key]
-        print(f"{label:42s} {'n/a (no encoder)' if value is None else format(value, '.4f')}")
+        missing = "n/a (no encoder)" if key in ("reconstruction_mse", "kl") else "n/a (see the note)"
+        print(f"{label:42s} {missing if value is None else format(value, '.4f')}")
+    if result.get("note"):
+        print(f"note: {result['note']}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)

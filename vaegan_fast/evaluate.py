@@ -98,26 +98,42 @@ def features(classifier: FashionClassifier, images: torch.Tensor, chunk: int = 2
     return torch.cat([classifier.features(images[i:i + chunk].float().cpu()) for i in range(0, len(images), chunk)])
 
 
+FASHION_MNIST_SHAPE = (1, 28, 28)
+FID_NOTE = ("the FID classifier covers only Fashion-MNIST (1x28x28 grayscale images): sample quality is not "
+            "measured for other images")
+
+
 @torch.no_grad()
 def evaluate_model(model: Model, samples: int = 10000, seed: int = 0, classifier_path=None,
                    test=None) -> dict:
-    """Reconstruction MSE, mean KL, FID and precision/recall of ``model`` against the test split."""
-    if tuple(model.config.get("image_shape", (1, 28, 28))) != (1, 28, 28):
-        raise ValueError(f"evaluate measures against Fashion-MNIST's test split, 1x28x28 grayscale images; this "
-                         f"model's images are {'x'.join(map(str, model.config['image_shape']))}")
-    test = test if test is not None else load_fashion_mnist("test")
+    """Reconstruction MSE and mean KL of ``model`` on a test set (default: Fashion-MNIST's test split), and
+    for Fashion-MNIST-shaped models the FID and precision/recall of its samples in the classifier's features."""
+    shape = tuple(model.config.get("image_shape", FASHION_MNIST_SHAPE))
+    fmnist = shape == FASHION_MNIST_SHAPE
+    if test is None:
+        if not fmnist:
+            raise ValueError(f"this model's images are {'x'.join(map(str, shape))}: evaluate it on a folder of such "
+                             "images (--data DIR); " + FID_NOTE)
+        test = load_fashion_mnist("test")
+    if tuple(test.image_shape) != shape:
+        raise ValueError(f"the test images are {'x'.join(map(str, test.image_shape))} but this model's are "
+                         f"{'x'.join(map(str, shape))}")
     images = test.images.to(model.device, model.dtype)
-    result = {"mode": model.config["mode"], "step": model.step, "test_images": len(test)}
+    result = {"mode": model.config["mode"], "step": model.step, "test_images": len(test), "test_data": test.name}
     if model.config["mode"] != "gan":
         mse, kl = 0.0, 0.0
         for i in range(0, len(images), 2000):
             x = images[i:i + 2000]
-            mu, logvar = model.encode(x)
-            mse += (model.decode(mu) - x).pow(2).mean(1).sum().item()
+            mu, logvar = model.encode(x.view(x.shape[0], *model.input_shape))
+            mse += (model.decode(mu).reshape(x.shape) - x).pow(2).mean(1).sum().item()
             kl += (0.5 * (mu.pow(2) + logvar.exp() - logvar - 1).sum(1)).sum().item()
         result.update(reconstruction_mse=mse / len(images), kl=kl / len(images))
     else:
         result.update(reconstruction_mse=None, kl=None)  # a GAN has no encoder
+    if not fmnist:
+        result.update(fid_classifier=None, precision=None, recall=None, samples=0, classifier_test_accuracy=None,
+                      note=FID_NOTE)
+        return result
     classifier, accuracy = load_classifier(classifier_path)
     gen = torch.Generator(model.device).manual_seed(seed)
     generated = torch.cat([model.sample(min(2000, samples - i), generator=gen) for i in range(0, samples, 2000)])
@@ -128,5 +144,13 @@ def evaluate_model(model: Model, samples: int = 10000, seed: int = 0, classifier
     return result
 
 
-def evaluate_checkpoint(path: str | Path, samples: int = 10000, seed: int = 0, classifier_path=None) -> dict:
-    return evaluate_model(Model.load(path, map_location="cpu"), samples, seed, classifier_path)
+def evaluate_checkpoint(path: str | Path, samples: int = 10000, seed: int = 0, classifier_path=None,
+                        data: Optional[str] = None) -> dict:
+    """evaluate_model on a checkpoint; ``data``: the test set (fashion-mnist's test split by default, or a
+    folder of images of the checkpoint's shape)."""
+    model = Model.load(path, map_location="cpu")
+    test = None
+    if data is not None and data != "fashion-mnist":
+        from .data import load_dataset
+        test = load_dataset(data, split="test")
+    return evaluate_model(model, samples, seed, classifier_path, test)

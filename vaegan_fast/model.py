@@ -218,10 +218,12 @@ class Model(nn.Module):
             if isinstance(pair, (str, bytes)) or not hasattr(pair, "__len__") or len(pair) != 2:
                 raise ValueError(f"{where} must be a pair (beta1, beta2), got {pair!r}")
             betas_per_net[net] = tuple(_number(f"{where}[{i}]", b, minimum=0, below=1) for i, b in enumerate(pair))
+        mlp = architecture == "mlp" or all(custom)  # the other architectures have fixed layers: nothing to record
         self.config = dict(
             architecture=architecture, input_dim=int(input_dim), image_shape=image_shape, latent_dim=latent_dim,
-            encoder_hidden=encoder_hidden, decoder_hidden=decoder_hidden, discriminator_hidden=discriminator_hidden,
-            activation=activation, negative_slope=negative_slope, gamma=gamma, pixel_weight=pixel_weight,
+            encoder_hidden=encoder_hidden if mlp else None, decoder_hidden=decoder_hidden if mlp else None,
+            discriminator_hidden=discriminator_hidden if mlp else None, activation=activation if mlp else None,
+            negative_slope=negative_slope if mlp else None, gamma=gamma, pixel_weight=pixel_weight,
             recon_as_fake=recon_as_fake, saturating=saturating, gating=gating, equilibrium=equilibrium,
             margin=margin, feature_layer=int(feature_layer), feature_point=feature_point, optimizer=optimizer,
             lr=lrs, betas=betas_per_net, backend=backend, check_inputs=check_inputs, seed=seed, mode=mode,

@@ -114,7 +114,7 @@ def write_grids(model: Model, data, out: Path, tag: str) -> None:
     if model.config["mode"] == "gan":
         return  # a GAN has no trained encoder: nothing to reconstruct with
     real = data.images[:GRID_PAIRS].to(model.device)  # fewer when the dataset is smaller
-    rec = model.reconstruct(real)
+    rec = model.reconstruct(real.view(real.shape[0], *model.input_shape))
     pairs = torch.stack([real, rec.reshape(real.shape)], dim=1).reshape(2 * real.shape[0], -1)
     save_grid(pairs, shape, out / f"reconstructions_{tag}.png", columns=8)
 
@@ -233,8 +233,14 @@ def train(model_kwargs: dict, *, steps: int, out: str, data: Optional[str] = Non
         saved_step = None
     dataset = load_dataset(run_info["data"], channels=run_info["channels"], image_size=run_info["image_size"])
     if model is None:
-        model = Model.preset(run_info["preset"], seed=run_info["seed"], image_shape=dataset.image_shape,
-                             **model_kwargs).to(dev)
+        try:
+            model = Model.preset(run_info["preset"], seed=run_info["seed"], image_shape=dataset.image_shape,
+                                 **model_kwargs).to(dev)
+        except ValueError as exc:
+            if "divisible" not in str(exc):
+                raise
+            raise ValueError(f"{exc}: the {run_info['preset']!r} preset cannot take the images of "
+                             f"{run_info['data']!r}; resize them with --image-size") from None
     elif tuple(dataset.image_shape) != tuple(model.config["image_shape"]):
         raise ValueError(f"data {run_info['data']!r} holds images of {dataset.image_shape} (C, H, W) but "
                          f"{ckpt_path} was trained on {model.config['image_shape']}")
@@ -291,7 +297,8 @@ def train(model_kwargs: dict, *, steps: int, out: str, data: Optional[str] = Non
                 if signum is not None:
                     save()
                     raise TrainingInterrupted(signum, model.step, ckpt_path if saved_step == model.step else None)
-                stats = train_step(stream.batch(model.step)[rows])
+                batch = stream.batch(model.step)[rows]
+                stats = train_step(batch.view(batch.shape[0], *model.input_shape))
                 step = model.step
                 if step % log_every == 0 or step == steps:
                     values = {k: float(v) for k, v in stats.items()}
