@@ -32,15 +32,19 @@ LOW_PRECISION = {"bf16": torch.bfloat16, "fp16": torch.float16}
 ULP_FLOOR = 4  # units in the last place of the low-precision dtype, relative to the loss
 
 
-def load_batches(batch: int, count: int, device) -> tuple:
-    """``count`` batches of real Fashion-MNIST images (synthetic ones when it is not installed)."""
+def load_batches(batch: int, count: int, device, shape: tuple = (784,)) -> tuple:
+    """``count`` batches of real Fashion-MNIST images (synthetic ones when it is not installed) in the model's
+    input ``shape``; for images of another size (larsen64's 3x64x64), uniform noise in [0, 1]."""
+    gen = torch.Generator().manual_seed(0)
+    if torch.Size(shape).numel() != 784:
+        data = torch.rand(count, batch, *shape, generator=gen)
+        return [d.to(device) for d in data], f"random {'x'.join(map(str, shape))} images"
     try:
         data, source = load_dataset("fashion-mnist"), "fashion-mnist"
     except FileNotFoundError:
         data, source = load_dataset("synthetic"), "synthetic (Fashion-MNIST not installed)"
-    gen = torch.Generator().manual_seed(0)
     rows = torch.randint(0, len(data), (count, batch), generator=gen)
-    return [data.images[r].to(device) for r in rows], source
+    return [data.images[r].reshape(batch, *shape).to(device) for r in rows], source
 
 
 def _compile_step(step, mode):
@@ -132,7 +136,7 @@ def low_precision_bounds(reference_losses, autocast_losses, name: str) -> list:
 def _resolved_backend(model: Model, device, dtype=None) -> str:
     """The backend "auto" picks for the model's layers (by device, and by dtype: native takes no fp16)."""
     from vaegan_fast.ops import _dispatch
-    return _dispatch.resolve("linear_act", model.backend, torch.device(device), dtype)[0]
+    return _dispatch.resolve("layer_forward", model.backend, torch.device(device), dtype)[0]
 
 
 def first_losses(step, batches) -> list:

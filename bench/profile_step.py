@@ -18,7 +18,7 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import e2e  # noqa: E402
-from vaegan_fast import RECOMMENDED_BATCH  # noqa: E402
+from vaegan_fast import PRESETS, RECOMMENDED_BATCH  # noqa: E402
 
 GEMMS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::matmul", "aten::linear")
 
@@ -51,13 +51,13 @@ def breakdown(step, x, steps: int) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--preset", default="seed", choices=("seed", "wide"))
+    p.add_argument("--preset", default="seed", choices=tuple(PRESETS))
     p.add_argument("--batch", type=int, default=None)
     p.add_argument("--steps", type=int, default=10)
     args = p.parse_args(argv)
     batch = args.batch or RECOMMENDED_BATCH[args.preset]
     model = e2e.make_model(args.preset, "cpu")
-    x = e2e.load_batches(batch, 1, "cpu")[0][0]
+    x = e2e.load_batches(batch, 1, "cpu", model.input_shape)[0][0]
     providers = e2e.providers(model, "cpu", gpu=False)
     print(f"{args.preset}, batch {batch}, {torch.get_num_threads()} threads, {torch.backends.cpu.get_cpu_capability()}")
     for name in ("eager", *[n for n in providers if n.startswith("vaegan_fast")]):

@@ -23,13 +23,13 @@ import e2e  # noqa: E402
 import kernels  # noqa: E402
 import telemetry  # noqa: E402
 import timing  # noqa: E402
-from vaegan_fast import ops  # noqa: E402
+from vaegan_fast import PRESETS as MODEL_PRESETS, ops  # noqa: E402
 from vaegan_fast.step import step_flops  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 BOUND = "bound"  # the kernel benchmark's yardstick provider: see bench/kernels.py
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-PRESETS = ("seed", "wide")
+PRESETS = tuple(MODEL_PRESETS)
 
 
 def parse_args(argv=None):
@@ -115,7 +115,7 @@ def bench_e2e(args, device, gpu, budget, dtypes):
     rows = []
     for preset, batch in e2e.presets_for(names, gpu):
         model = e2e.make_model(preset, device)
-        batches, source = e2e.load_batches(batch, 8, device)
+        batches, source = e2e.load_batches(batch, 8, device, model.input_shape)
         reference = e2e.EagerVAEGAN.like(model)
         want = [l.double().cpu() for x in batches[:2] for l in reference.step(x)]
         low = [d for d in dtypes if d in e2e.LOW_PRECISION and (gpu or d != "fp16")]  # CPU fp16 is emulated

@@ -164,7 +164,7 @@ def primitive_run(backend, spec, p, x, groups, rows, dy, entry_pre_norm):
     _, forward, backward = layer_impls(backend, x.device, x.dtype)
     y, cache = forward(spec, p, x, groups, True)
     r0, r1 = rows
-    return y, cache, backward(spec, p, cache, dy, r0, r1, groups, entry_pre_norm, True, True)
+    return y, cache, backward(spec, p, cache, dy, r0, r1, (r0, r1), groups, entry_pre_norm, True, True)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -218,3 +218,22 @@ def test_a_stream_entering_before_the_norm_differentiates_the_product_alone(back
     for name, got, t in zip(("dx", "dW", "db"), (dx, dw, db), want):
         assert_matches(name, got, t)
     assert dgamma is None and dbeta is None
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", [LAYERS[1], LAYERS[5], LAYERS[0], LAYERS[3]], ids=layer_id)
+def test_the_input_gradient_on_fewer_rows_than_the_norm_runs_on(backend, case):
+    """A stream through a norm runs the norm's backward on whole groups and forms the input gradient only on
+    the rows the layer below needs: those rows equal the full computation's."""
+    layer = make_layer(case, "batch", bias=False).double()
+    x = torch.randn(6, *case[7], dtype=torch.float64)
+    spec = layer.spec_for(x)
+    p = LayerParams.of(layer, torch.float64)
+    _, forward, backward = layer_impls(backend, x.device, x.dtype)
+    _, cache = forward(spec, p, x, 1, True)
+    dy = torch.randn((6, *spec.out_shape), dtype=torch.float64)
+    full = backward(spec, p, cache, dy, 0, 6, (0, 6), 1, False, True, True)
+    part = backward(spec, p, cache, dy, 0, 6, (2, 5), 1, False, True, True)
+    assert_matches("dx rows 2..5", part[0], full[0][2:5])
+    for name, a, b in zip(("dW", "dgamma", "dbeta"), (part[1], part[3], part[4]), (full[1], full[3], full[4])):
+        assert_matches(name, a, b)

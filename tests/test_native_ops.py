@@ -345,7 +345,7 @@ def _opcheck_cases():
                                                                       0.1, 1e-5, 2, 2, 0.2)
         x_used, kept = (x_used if x_used.numel() else xin), (kept if kept.numel() else y)  # empty: an alias
         cases.append(("fused_layer_backward", (torch.randn_like(y), x_used, weight, False, pre, kept, mean, rstd, bn[0],
-                                               kind, *conv, True, True, 2, 2, 0.2, False, True, True)))
+                                               kind, *conv, True, True, 2, 2, 0.2, False, True, True, 2, 2, False)))
     cases.append(("linear_act", (x.clone().to(torch.bfloat16).requires_grad_(), w.to(torch.bfloat16),
                                  b.to(torch.bfloat16), 5, 0.2)))
     return cases

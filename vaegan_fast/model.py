@@ -71,7 +71,7 @@ RECOMMENDED_BATCH = {"seed": 256, "wide": 512, "conv": 64, "larsen64": 64}
 
 # The configuration of the straightforward eager baseline in bench/: what comparisons run.
 BASELINE_OPTIONS = dict(gamma=1.0, pixel_weight=0.0, recon_as_fake=True, saturating=False, gating=False,
-                        feature_layer=-1, lr=2e-4, betas=(0.5, 0.999))
+                        lr=2e-4, betas=(0.5, 0.999))  # each preset's own feature layer
 
 
 DEFAULT_IMAGE_SHAPE = (1, 28, 28)

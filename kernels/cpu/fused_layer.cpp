@@ -28,7 +28,10 @@
 #include "common.h"
 #include "ops.h"
 
+#include <ATen/record_function.h>
 #include <ATen/ops/addmm.h>
+#include <ATen/ops/col2im.h>
+#include <ATen/ops/constant_pad_nd.h>
 #include <ATen/ops/convolution.h>
 #include <ATen/ops/convolution_backward.h>
 #include <ATen/ops/zeros.h>
@@ -243,10 +246,89 @@ int64_t matrix_rows(const at::Tensor& t) { return t.numel() / t.size(1); }
 
 at::ScalarType product_dtype(at::ScalarType dtype) { return dtype == at::kBFloat16 ? at::kFloat : dtype; }
 
+// ---- convolutions with few channels on one side, as column GEMMs ---------------------------------------
+// oneDNN runs a convolution whose input (conv2d) or output (conv_transpose2d) has one to a few channels at
+// a small fraction of its usual rate (measured: docs/performance.md), and returns such images in a layout
+// that costs a transposing copy. There the product goes through ATen's im2col / col2im (unfold / fold) and
+// one GEMM whose output rows are the channels-last matrix itself.
+constexpr int64_t kColumnChannels = 4;
+
+bool column_path(int64_t kind, const at::Tensor& weight) {
+  if (kind == kConv) return weight.size(1) <= kColumnChannels;  // few input channels
+  if (kind == kConvTranspose) return weight.size(1) <= kColumnChannels;  // few output channels
+  return false;
+}
+
+// [N, C, H, W] (any layout) as im2col rows [N L, C kh kw]: a padded copy's sliding windows as a view, then one copy
+// (at::im2col loops over the samples, which cost more than the copy at these sizes).
+at::Tensor unfold_rows(const at::Tensor& x, at::IntArrayRef kernel, at::IntArrayRef stride, at::IntArrayRef padding) {
+  const at::Tensor padded = padding[0] || padding[1]
+                                ? at::constant_pad_nd(x, {padding[1], padding[1], padding[0], padding[0]}, 0)
+                                : x;
+  const at::Tensor windows = padded.unfold(2, kernel[0], stride[0]).unfold(3, kernel[1], stride[1]);  // N C oh ow kh kw
+  return windows.permute({0, 2, 3, 1, 4, 5}).reshape({-1, x.size(1) * kernel[0] * kernel[1]});
+}
+
+// rows [N L, C kh kw] summed back into [N, C, H, W] (col2im, with the samples as channels: one call).
+at::Tensor fold_rows(const at::Tensor& rows, int64_t n, at::IntArrayRef out_hw, at::IntArrayRef kernel,
+                     at::IntArrayRef stride, at::IntArrayRef padding) {
+  const int64_t width = rows.size(1), blocks = rows.size(0) / n;
+  at::Tensor cols = rows.view({n, blocks, width}).transpose(1, 2).reshape({1, n * width, blocks});
+  const int64_t channels = width / (kernel[0] * kernel[1]);
+  return at::col2im(cols, out_hw, kernel, {1, 1}, padding, stride).view({n, channels, out_hw[0], out_hw[1]});
+}
+
+// [N L, C] rows as the channels-last [N, C, oh, ow] view.
+at::Tensor rows_as_image(const at::Tensor& rows, int64_t n, int64_t oh, int64_t ow) {
+  return rows.view({n, oh, ow, rows.size(1)}).permute({0, 3, 1, 2});
+}
+
 at::Tensor product(int64_t kind, const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef output_padding) {
   if (kind == kDense) return bias ? at::addmm(*bias, x, weight.t()) : at::mm(x, weight.t());
+  if (column_path(kind, weight)) {
+    const int64_t n = x.size(0), kh = weight.size(2), kw = weight.size(3);
+    if (kind == kConv) {
+      const int64_t oh = (x.size(2) + 2 * padding[0] - kh) / stride[0] + 1;
+      const int64_t ow = (x.size(3) + 2 * padding[1] - kw) / stride[1] + 1;
+      at::Tensor cols = unfold_rows(x, {kh, kw}, stride, padding);
+      at::Tensor w = weight.reshape({weight.size(0), -1}).t();
+      return rows_as_image(bias ? at::addmm(*bias, cols, w) : at::mm(cols, w), n, oh, ow);
+    }
+    const int64_t oh = (x.size(2) - 1) * stride[0] - 2 * padding[0] + kh + output_padding[0];
+    const int64_t ow = (x.size(3) - 1) * stride[1] - 2 * padding[1] + kw + output_padding[1];
+    at::Tensor rows = x.permute({0, 2, 3, 1}).reshape({-1, x.size(1)});  // [N H W, Cin]
+    at::Tensor y = fold_rows(at::mm(rows, weight.reshape({weight.size(0), -1})), n, {oh, ow}, {kh, kw}, stride,
+                             padding);
+    return bias ? y.add_(bias->view({1, -1, 1, 1})) : y;
+  }
   return at::convolution(x, weight, bias, stride, padding, {1, 1}, kind == kConvTranspose, output_padding, 1);
+}
+
+// {dx, dW, db} of a column-path product from da (channels-last rows [N L, C_out] of the product's output).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> column_backward(int64_t kind, const at::Tensor& da, const at::Tensor& x,
+                                                               const at::Tensor& weight, at::IntArrayRef stride,
+                                                               at::IntArrayRef padding, bool need_dx, bool need_dw,
+                                                               bool need_db) {
+  const int64_t n = x.size(0), kh = weight.size(2), kw = weight.size(3);
+  at::Tensor dx, dw, db;
+  if (kind == kConv) {  // y rows = cols(x) @ W^T: dW = da^T cols, dx = fold(da W)
+    const at::Tensor rows = da.permute({0, 2, 3, 1}).reshape({-1, da.size(1)});  // a view when channels-last
+    const at::Tensor w = weight.reshape({weight.size(0), -1});
+    if (need_dw) dw = at::mm(rows.t(), unfold_rows(x, {kh, kw}, stride, padding)).view(weight.sizes());
+    if (need_dx) dx = fold_rows(at::mm(rows, w), n, {x.size(2), x.size(3)}, {kh, kw}, stride, padding);
+    if (need_db) db = rows.sum(0);
+  } else {  // y = fold(x rows @ W): dW = x rows^T cols(da), dx rows = cols(da) @ W^T
+    const at::Tensor cols = unfold_rows(da, {kh, kw}, stride, padding);  // [N H W, Cout kh kw]
+    const at::Tensor w = weight.reshape({weight.size(0), -1});           // [Cin, Cout kh kw]
+    if (need_dw) {
+      const at::Tensor rows = x.permute({0, 2, 3, 1}).reshape({-1, x.size(1)});
+      dw = at::mm(rows.t(), cols).view(weight.sizes());
+    }
+    if (need_dx) dx = rows_as_image(at::mm(cols, w.t()), n, x.size(2), x.size(3));
+    if (need_db) db = da.sum({0, 2, 3});
+  }
+  return {dx, dw, db};
 }
 
 std::optional<at::Tensor> defined(const std::optional<at::Tensor>& t) {
@@ -282,6 +364,7 @@ Tensors6 fused_layer_forward(
   if (bias) bias_p = bias->to(pdt);
   at::Tensor a = product(kind, x.to(pdt), weight_.to(pdt), bias_p, stride, padding, output_padding);
   a = rows_layout(a.to(dtype));
+  RECORD_FUNCTION("fused_layer::epilogue", std::vector<c10::IValue>());
   const int64_t M = matrix_rows(a), C = a.size(1);
   // Each empty output its own tensor: a custom op's outputs must not alias one another.
   auto none = [&] { return at::empty({0}, a.options()); };
@@ -352,7 +435,8 @@ Tensors5 fused_layer_backward(
     const std::optional<at::Tensor>& pre_, const at::Tensor& kept_, const std::optional<at::Tensor>& mean,
     const std::optional<at::Tensor>& rstd, const std::optional<at::Tensor>& norm_weight, int64_t kind,
     at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef output_padding, bool norm, bool training,
-    int64_t groups, int64_t act, double slope, bool entry_pre_norm, bool need_dx, bool need_dw) {
+    int64_t groups, int64_t act, double slope, bool entry_pre_norm, bool need_dx, bool need_dw, int64_t dx_start,
+    int64_t dx_rows, bool dy_writable) {
   check_dtype(x, "fused_layer_backward", "x");
   const auto dtype = x.scalar_type();
   auto none = [&] { return at::empty({0}, x.options()); };
@@ -360,10 +444,13 @@ Tensors5 fused_layer_backward(
   const int64_t M = matrix_rows(dy), C = dy.size(1);
   at::Tensor da = dy, dgamma = none(), dbeta = none();
   if (!entry_pre_norm && (norm || act != kIdentity)) {
+    RECORD_FUNCTION("fused_layer::norm_act_backward", std::vector<c10::IValue>());
     const at::Tensor kept = act != kIdentity ? rows_layout(kept_) : at::Tensor();
     TORCH_CHECK(!kept.defined() || kept.sizes() == dy.sizes(),
                 "vaegan_fast native fused_layer_backward: the saved tensor does not match dy ", dy.sizes());
-    da = at::empty_like(dy);
+    // da over dy itself when the caller gives dy up (the training step's streams do: fresh memory costs page
+    // faults on every step), or when dy is already a copy of ours.
+    da = dy_writable || !dy.is_same(dy_) ? dy : at::empty_like(dy);
     if (!norm) {
       VFN_DISPATCH(dtype, "fused_layer_backward", [&] {
         with_activation(act, [&](auto activation) {
@@ -438,29 +525,57 @@ Tensors5 fused_layer_backward(
       });
     }
   }
-  // The products' backward, in fp32 for bf16.
+  // The products' backward, in fp32 for bf16; dx on rows [dx_start, dx_start + dx_rows) of the ones given (the
+  // rows the layer below needs: a stream through a norm runs its norm on whole groups, its product on fewer).
   const auto pdt = product_dtype(dtype);
   const at::Tensor da_p = da.to(pdt), x_p = x.to(pdt), w_p = weight_.to(pdt);
+  const int64_t n = dy.size(0);
+  TORCH_CHECK(!need_dx || (dx_start >= 0 && dx_rows >= 0 && dx_start + dx_rows <= n),
+              "vaegan_fast native fused_layer_backward: dx rows [", dx_start, ", ", dx_start + dx_rows,
+              ") outside the ", n, " rows given");
+  const bool all_rows = dx_start == 0 && dx_rows == n;
+  const at::Tensor da_dx = all_rows ? da_p : da_p.narrow(0, dx_start, dx_rows);
+  const at::Tensor x_dx = all_rows ? x_p : x_p.narrow(0, dx_start, dx_rows);
   at::Tensor dx = none(), dw = none(), db = none();
   if (kind == kDense) {
-    const at::Tensor dam = da_p.dim() == 2 ? da_p : da_p.reshape({M, C});
-    if (need_dx) dx = at::mm(dam, w_p).to(dtype);
+    if (need_dx) dx = at::mm(da_dx, w_p).to(dtype);
     if (need_dw) {
-      dw = at::mm(dam.t(), x_p).to(dtype);
-      if (has_bias) db = dam.sum(0).to(dtype);
+      dw = at::mm(da_p.t(), x_p).to(dtype);
+      if (has_bias) db = da_p.sum(0).to(dtype);
     }
-  } else if (need_dx || need_dw) {
-    const int64_t out_channels = kind == kConv ? weight_.size(0) : weight_.size(1);
-    std::vector<int64_t> bias_sizes = {out_channels};
-    auto [gx, gw, gb] = at::convolution_backward(
-        da_p, x_p, w_p, has_bias && need_dw ? std::optional<at::IntArrayRef>(bias_sizes) : std::nullopt, stride,
-        padding, {1, 1}, kind == kConvTranspose, output_padding, 1, {need_dx, need_dw, has_bias && need_dw});
-    if (need_dx) dx = gx.to(dtype);
+  } else if (column_path(kind, weight_)) {
+    if (need_dx) dx = std::get<0>(column_backward(kind, da_dx, x_dx, w_p, stride, padding, true, false, false)).to(dtype);
     if (need_dw) {
-      dw = gw.to(dtype).contiguous();  // oneDNN may hand it back channels-last: the weight's own layout
+      auto [unused, gw, gb] = column_backward(kind, da_p, x_p, w_p, stride, padding, false, true, has_bias);
+      dw = gw.to(dtype).contiguous();
       if (has_bias) db = gb.to(dtype);
     }
+  } else {
+    const int64_t out_channels = kind == kConv ? weight_.size(0) : weight_.size(1);
+    std::vector<int64_t> bias_sizes = {out_channels};
+    auto conv_backward = [&](const at::Tensor& g, const at::Tensor& input, bool want_dx, bool want_dw) {
+      return at::convolution_backward(
+          g, input, w_p, has_bias && want_dw ? std::optional<at::IntArrayRef>(bias_sizes) : std::nullopt, stride,
+          padding, {1, 1}, kind == kConvTranspose, output_padding, 1, {want_dx, want_dw, has_bias && want_dw});
+    };
+    if (all_rows && (need_dx || need_dw)) {  // one call for both
+      auto [gx, gw, gb] = conv_backward(da_p, x_p, need_dx, need_dw);
+      if (need_dx) dx = gx.to(dtype);
+      if (need_dw) {
+        dw = gw.to(dtype).contiguous();  // oneDNN may hand it back channels-last: the weight's own layout
+        if (has_bias) db = gb.to(dtype);
+      }
+    } else {
+      if (need_dx) dx = std::get<0>(conv_backward(da_dx, x_dx, true, false)).to(dtype);
+      if (need_dw) {
+        auto [unused, gw, gb] = conv_backward(da_p, x_p, false, true);
+        dw = gw.to(dtype).contiguous();
+        if (has_bias) db = gb.to(dtype);
+      }
+    }
   }
+  // A conv's input gradient channels-last, whatever the path: the layout the layer below reads.
+  if (kind != kDense && need_dx) dx = dx.contiguous(at::MemoryFormat::ChannelsLast);
   return {dx, dw, db, dgamma, dbeta};
 }
 

@@ -35,8 +35,8 @@ TORCH_LIBRARY(vaegan_fast_native, m) {
   // The fused layer (fused_layer.cpp): kind 0 dense, 1 conv2d, 2 conv_transpose2d; the norm's running
   // statistics and batch count are updated in place in training mode. forward -> [y, x as the product read
   // it (empty: x itself), pre-norm a (empty without a norm), kept (the pre-activation; empty: y), mean, rstd
-  // ([groups, C]; empty without a norm)]; backward on the rows of the tensors given -> [dx, dW, db, dgamma, dbeta] (empty when
-  // not asked for).
+  // ([groups, C]; empty without a norm)]; backward on the rows of the tensors given -> [dx, dW, db, dgamma, dbeta]
+  // (empty when not asked for), dx on dx_rows rows from dx_start; dy_writable lets it compute in dy's memory.
   m.def(
       "fused_layer_forward(Tensor x, Tensor weight, Tensor? bias, Tensor? norm_weight, Tensor? norm_bias, "
       "Tensor(a!)? running_mean, Tensor(b!)? running_var, Tensor(c!)? num_batches_tracked, int kind, int[] stride, "
@@ -46,7 +46,8 @@ TORCH_LIBRARY(vaegan_fast_native, m) {
       "fused_layer_backward(Tensor dy, Tensor x, Tensor weight, bool has_bias, Tensor? pre, Tensor kept, "
       "Tensor? mean, Tensor? rstd, Tensor? norm_weight, int kind, int[] stride, int[] padding, "
       "int[] output_padding, bool norm, bool training, int groups, int activation, float negative_slope, "
-      "bool entry_pre_norm, bool need_dx, bool need_dw) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+      "bool entry_pre_norm, bool need_dx, bool need_dw, int dx_start, int dx_rows, bool dy_writable) -> "
+      "(Tensor, Tensor, Tensor, Tensor, Tensor)");
   // The training step's image head (image_head.cpp): images = sigmoid(logits) written into `images` (B or 2B
   // rows), and the pixel BCE term of the last B rows (0 unless with_pixel); backward: (dec_up, enc_up), the
   // gradients at the decoder's logits [prior; rec] and at its reconstruction rows for the encoder.

@@ -48,7 +48,8 @@ Tensors5 fused_layer_backward(
     const std::optional<at::Tensor>& pre, const at::Tensor& kept, const std::optional<at::Tensor>& mean,
     const std::optional<at::Tensor>& rstd, const std::optional<at::Tensor>& norm_weight, int64_t kind,
     at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef output_padding, bool norm, bool training,
-    int64_t groups, int64_t act, double slope, bool entry_pre_norm, bool need_dx, bool need_dw);
+    int64_t groups, int64_t act, double slope, bool entry_pre_norm, bool need_dx, bool need_dw, int64_t dx_start,
+    int64_t dx_rows, bool dy_writable);
 
 // image_head.cpp
 at::Tensor image_head_forward(const at::Tensor& logits, const at::Tensor& x, const at::Tensor& images,

@@ -22,6 +22,7 @@
 #include "common.h"
 #include "ops.h"
 
+#include <ATen/record_function.h>
 #include <ATen/ops/cat.h>
 #include <ATen/ops/full_like.h>
 #include <ATen/ops/sigmoid_backward.h>
@@ -108,7 +109,7 @@ at::ScalarType plan_dtype(int64_t code) {
 // The native backend's layer_forward (vaegan_fast/ops/layer/native.py).
 at::Tensor layer_forward(Layer& l, const at::Tensor& x, int64_t groups, Cache& cache) {
   const int64_t n = x.size(0);
-  if (l.kind == kFlatten || l.kind == kUnflatten) {
+  if (l.kind == kFlatten || l.kind == kUnflatten) {  // channel-first rows (one copy of channels-last images)
     cache.x = x;
     if (l.kind == kFlatten) return x.contiguous().view({n, -1});
     std::vector<int64_t> shape = {n};
@@ -133,20 +134,23 @@ at::Tensor layer_forward(Layer& l, const at::Tensor& x, int64_t groups, Cache& c
   return y;
 }
 
-// The native backend's layer_backward on rows [r0, r1) of the cache; {dx, dW, db, dgamma, dbeta}.
+// The native backend's layer_backward on rows [r0, r1) of the cache, dx on rows [d0, d1);
+// {dx, dW, db, dgamma, dbeta}.
 std::array<at::Tensor, 5> layer_backward(const Layer& l, const Cache& c, const at::Tensor& dy, int64_t r0,
-                                         int64_t r1, int64_t groups, bool entry_pre_norm, bool need_dx,
-                                         bool need_dw) {
+                                         int64_t r1, int64_t d0, int64_t d1, int64_t groups, bool entry_pre_norm,
+                                         bool need_dx, bool need_dw) {
   const int64_t rows = r1 - r0;
   if (l.kind == kFlatten) {
     std::vector<int64_t> shape(c.x.sizes().begin(), c.x.sizes().end());
-    shape[0] = dy.size(0);
-    return {dy.contiguous().view(shape), {}, {}, {}, {}};
+    shape[0] = d1 - d0;
+    return {dy.narrow(0, d0 - r0, d1 - d0).contiguous().view(shape), {}, {}, {}, {}};
   }
-  if (l.kind == kUnflatten) return {dy.contiguous().view({dy.size(0), -1}), {}, {}, {}, {}};
+  if (l.kind == kUnflatten) return {dy.narrow(0, d0 - r0, d1 - d0).contiguous().view({d1 - d0, -1}), {}, {}, {}, {}};
   const bool whole = r0 == 0 && r1 == c.x.size(0);
   const at::Tensor x = whole ? c.x : c.x.narrow(0, r0, rows);
   if (l.kind == kDenseLayer && !l.norm) {
+    TORCH_CHECK(d0 == r0 && d1 == r1, "vaegan_fast native plan_step: a dense layer without a norm forms its input "
+                "gradient on the rows it runs on");
     const at::Tensor kept = whole ? c.kept : c.kept.narrow(0, r0, rows);
     auto [dx, dw, db] = linear_act_backward(dy, x, *l.weight, kept, !keeps_preactivation(l.activation, l.slope),
                                             l.activation, l.slope, {need_dx, need_dw, need_dw && l.has_bias});
@@ -165,7 +169,7 @@ std::array<at::Tensor, 5> layer_backward(const Layer& l, const Cache& c, const a
   auto [dx, dw, db, dgamma, dbeta] =
       fused_layer_backward(dy, x, *l.weight, l.has_bias, pre, c.kept.narrow(0, r0, rows), mean, rstd, l.norm_weight,
                            l.kind, l.stride, l.padding, l.output_padding, l.norm, true, ng, l.activation, l.slope,
-                           entry_pre_norm, need_dx, need_dw);
+                           entry_pre_norm, need_dx, need_dw, d0 - r0, d1 - d0, /*dy_writable=*/true);
   return {dx, dw, db, dgamma, dbeta};
 }
 
@@ -185,22 +189,27 @@ at::Tensor stream_backward(Network& net, const at::Tensor& seed, const std::vect
   else if (top + 1 < static_cast<int64_t>(net.caches.size())) like = net.caches[top + 1].x;
   if (like.defined()) g = from_rows(g, like.narrow(0, g0, g1 - g0));
   for (int64_t i = top; i >= 0; --i) {
-    const int64_t r0 = ints[7 + 2 * i], r1 = ints[8 + 2 * i];
-    if (r0 != g0 || r1 != g1) {  // a coupling layer: whole groups, zeros outside the seed's rows
-      std::vector<int64_t> shape(g.sizes().begin(), g.sizes().end());
-      shape[0] = r1 - r0;
-      at::Tensor wide = g.new_zeros(shape);
-      wide.narrow(0, g0 - r0, g1 - g0).copy_(g);
-      g = wide;
+    const int64_t r0 = ints[7 + 4 * i], r1 = ints[8 + 4 * i], d0 = ints[9 + 4 * i], d1 = ints[10 + 4 * i];
+    if (r0 != g0 || r1 != g1) {  // the rows this layer runs on: the gradient's rows there, zeros elsewhere
+      const int64_t lo = std::max(r0, g0), hi = std::min(r1, g1);
+      if (lo == r0 && hi == r1) {
+        g = g.narrow(0, r0 - g0, r1 - r0);
+      } else {
+        std::vector<int64_t> shape(g.sizes().begin(), g.sizes().end());
+        shape[0] = r1 - r0;
+        at::Tensor wide = g.new_zeros(shape);
+        if (lo < hi) wide.narrow(0, lo - r0, hi - lo).copy_(g.narrow(0, lo - g0, hi - lo));
+        g = wide;
+      }
     }
     const Layer& l = net.layers[i];
-    const bool need_dx = i > 0 || input_grad;
-    auto out = layer_backward(l, net.caches[i], g, r0, r1, net.groups, entry_pre_norm && i == top, need_dx,
-                              weight_grads);
+    const bool need_dx = d0 >= 0;
+    auto out = layer_backward(l, net.caches[i], g, r0, r1, need_dx ? d0 : r0, need_dx ? d1 : r1, net.groups,
+                              entry_pre_norm && i == top, need_dx, weight_grads);
     if (weight_grads && l.kind <= kConvTLayer) net.grads[i] = {out[1], out[2], out[3], out[4]};
     g = out[0];
-    g0 = r0;
-    g1 = r1;
+    g0 = d0;
+    g1 = d1;
   }
   return input_grad ? g : at::Tensor();
 }
@@ -285,6 +294,14 @@ std::vector<at::Tensor> plan_step(const c10::List<std::optional<at::Tensor>>& in
     pf += nf;
     auto in = [&](size_t k) -> const at::Tensor& { return slot[ins[k]]; };
     std::vector<at::Tensor> out;
+    // One profiler range per instruction (free when no profiler runs): bench/profile_step.py reads them.
+    static const char* const kNames[] = {"plan::forward", "plan::split", "plan::clamp", "plan::reparam", "plan::cat",
+                                         "plan::image_head", "plan::rows", "plan::feature_recon", "plan::u_seed",
+                                         "plan::softplus", "plan::softplus_mean", "plan::mean", "plan::combine",
+                                         "plan::backward", "plan::image_head_backward", "plan::sigmoid_backward",
+                                         "plan::pixel_grad", "plan::reparam_backward", "plan::clamp_backward",
+                                         "plan::cat_cols", "plan::scale", "plan::cast", "plan::view_rows"};
+    RECORD_FUNCTION(kNames[op], std::vector<c10::IValue>());
     switch (op) {
       case kForward: {
         Network& net = nets[ints[0]];

@@ -93,7 +93,8 @@ class RoutedStep:
         done = on_network_done or (lambda name, grads: None)
         whole = _dispatch.implementation(WHOLE_PLAN_OP, kernels.name) if whole_step else None
         if whole is not None and scale is None and memory is None:
-            grads, losses = whole(plan, self.programs(), inputs, compute)
+            grads, losses = whole(plan, {net: NetworkState(program, compute)
+                                         for net, program in self.programs().items()}, inputs)
             for net in (2, 1, 0):
                 if net in grads:
                     done(NETWORK_NAMES[net], grads[net])

@@ -16,8 +16,10 @@ same order). What each op does, slots named by position in ``ins`` / ``outs``:
                                     (s_1..s_n, c_1..c_n)            softplus_mean(t) -> mean softplus(s t)
     combine(t_1..t_n) -> sum_k c_k t_k                              view_rows(t) -> t as [N, features]
     backward(seed) -> dx            one stream: ints (net, top layer, entry at the pre-norm point, input
-                                    gradient wanted, weight gradients wanted, seed rows r0 r1, then (r0, r1)
-                                    per layer 0..top); weight gradients go to the network's gradient list
+                                    gradient wanted, weight gradients wanted, seed rows s0 s1, then per layer
+                                    0..top the rows of its output gradient it runs on (r0, r1) and of its input
+                                    gradient it forms (d0, d1; -1 -1: none)); weight gradients go to the
+                                    network's gradient list
     image_head_backward(images, x, g, u [, scale]) -> (dec_up, enc_up)   ints (g has reconstruction rows, u
                                     has prior rows, scaled); floats (gamma, pixel factor)
     sigmoid_backward(s, g) -> g s (1 - s)     pixel_grad(s, x [, scale]) -> (s - x) factor [scale]
@@ -226,7 +228,7 @@ def run_plan(plan, networks: dict, inputs: list, kernels: Kernels, on_network_do
 def _backward(state: NetworkState, seed: torch.Tensor, ints: tuple, k: Kernels):
     """One backward stream (see run_plan); returns the input gradient, or None."""
     net, top, entry_pre_norm, input_grad, weight_grads, s0, s1 = ints[:7]
-    rows = [(ints[7 + 2 * i], ints[8 + 2 * i]) for i in range(top + 1)]
+    layers = [ints[7 + 4 * i:11 + 4 * i] for i in range(top + 1)]  # (r0, r1, d0, d1) per layer
     if weight_grads:
         state.grads = [None] * len(state.specs)
     g, g_rows = seed, (s0, s1)
@@ -235,17 +237,23 @@ def _backward(state: NetworkState, seed: torch.Tensor, ints: tuple, k: Kernels):
     if like is not None:
         g = from_rows(g, like[s0:s1])
     for i in range(top, -1, -1):
-        r0, r1 = rows[i]
-        if (r0, r1) != g_rows:  # a coupling layer: the stream widens to whole groups, zeros outside the seed
-            wide = g.new_zeros((r1 - r0, *g.shape[1:]))
-            wide[g_rows[0] - r0:g_rows[1] - r0] = g
-            g = wide
+        r0, r1, d0, d1 = layers[i]
+        if (r0, r1) != g_rows:  # the rows this layer runs on: the gradient's rows there, zeros elsewhere
+            lo, hi = max(r0, g_rows[0]), min(r1, g_rows[1])
+            if (lo, hi) == (r0, r1):
+                g = g.narrow(0, r0 - g_rows[0], r1 - r0)
+            else:
+                wide = g.new_zeros((r1 - r0, *g.shape[1:]))
+                if lo < hi:
+                    wide[lo - r0:hi - r0] = g[lo - g_rows[0]:hi - g_rows[0]]
+                g = wide
         spec = state.specs[i]
-        need_dx = i > 0 or bool(input_grad)
+        need_dx = d0 >= 0
         dx, dw, db, dgamma, dbeta = k.layer_backward(spec, state.params[i], state.caches[i], g, r0, r1,
-                                                     state.groups, bool(entry_pre_norm) and i == top, need_dx,
-                                                     bool(weight_grads))
+                                                     (d0, d1) if need_dx else (r0, r1), state.groups,
+                                                     bool(entry_pre_norm) and i == top, need_dx, bool(weight_grads),
+                                                     dy_writable=True)  # each stream owns its gradients
         if weight_grads and spec.is_product:
             state.grads[i] = (dw, db, dgamma, dbeta)
-        g, g_rows = dx, (r0, r1)
+        g, g_rows = dx, (d0, d1)
     return g if input_grad else None

@@ -82,7 +82,8 @@ class Stream:
     name: str
     net: int
     top: int  # program layer where the seed enters
-    rows: list  # per program layer (0 .. top): the (r0, r1) rows it runs on
+    rows: list  # per program layer (0 .. top): (r0, r1), the rows of its output gradient it runs on
+    dx_rows: list  # per program layer: (d0, d1), the rows of its input gradient it forms (None: none)
     weight_grads: bool
     input_grad: bool
     entry_pre_norm: bool = False
@@ -116,12 +117,11 @@ class Plan:
         total = sum(rows * sum(s.product_flops() for s in specs[net]) for net, (rows, _) in self.forwards.items())
         for st in self.streams:
             for i in range(st.top + 1):
-                r0, r1 = st.rows[i]
-                per = specs[st.net][i].product_flops() * (r1 - r0)
-                if i > 0 or st.input_grad:
-                    total += per
+                flops = specs[st.net][i].product_flops()
+                if st.dx_rows[i] is not None:
+                    total += flops * (st.dx_rows[i][1] - st.dx_rows[i][0])
                 if st.weight_grads:
-                    total += per
+                    total += flops * (st.rows[i][1] - st.rows[i][0])
         return total
 
 
@@ -130,17 +130,45 @@ def _expand(rows: tuple, group: int) -> tuple:
     return (r0 // group) * group, -(-r1 // group) * group
 
 
-def stream_rows(specs: list, top: int, seed_rows: tuple, group: int, entry_pre_norm: bool) -> list:
-    """The rows each layer 0..top of a stream runs on: the seed's, widened to whole groups from the first
-    layer (top down) that couples rows."""
-    rows = [None] * (top + 1)
+def _hull(a, b):
+    if a is None:
+        return b
+    return (min(a[0], b[0]), max(a[1], b[1])) if b is not None else a
+
+
+def _meet(a, b):
+    lo, hi = max(a[0], b[0]), min(a[1], b[1])
+    return (lo, hi) if lo < hi else (lo, lo)
+
+
+def stream_rows(specs: list, top: int, seed_rows: tuple, group: int, entry_pre_norm: bool, weight_grads: bool,
+                out_rows) -> tuple:
+    """([rows of each layer's output gradient it runs on], [rows of its input gradient it forms, or None])
+    for layers 0..top of a stream whose seed covers ``seed_rows`` and whose input gradient is wanted on
+    ``out_rows`` (None: not wanted).
+
+    Top down, the rows where the gradient can be non-zero widen to whole groups at each layer that couples
+    rows. Bottom up, each layer forms its input gradient only on the rows the layer below needs: a layer
+    without coupling needs its output gradient on those rows alone, a coupling layer on their whole groups
+    (its norm backward mixes them), and a layer whose weight gradients are wanted on every non-zero row."""
+    couples = [specs[i].couples_rows and not (i == top and entry_pre_norm) for i in range(top + 1)]
+    nonzero = [None] * (top + 1)  # rows of layer i's output gradient that can be non-zero
     current = seed_rows
     for i in range(top, -1, -1):
-        couples = specs[i].couples_rows and not (i == top and entry_pre_norm)
-        if couples:
+        nonzero[i] = current
+        if couples[i]:
             current = _expand(current, group)
-        rows[i] = current
-    return rows
+    below = current  # rows of layer 0's input gradient that can be non-zero
+    rows, dx_rows = [None] * (top + 1), [None] * (top + 1)
+    need = _meet(out_rows, below) if out_rows is not None else None
+    for i in range(top + 1):
+        dx_rows[i] = need if (i > 0 or out_rows is not None) else None
+        wanted = None
+        if need is not None:
+            wanted = _expand(need, group) if couples[i] else need
+        rows[i] = _hull(nonzero[i] if weight_grads else None, wanted)
+        need = _meet(rows[i], nonzero[i])  # what the layer above must form of its input gradient
+    return rows, dx_rows
 
 
 def _couples_at_or_below(specs: list, top: int, entry_pre_norm: bool) -> bool:
@@ -175,15 +203,17 @@ def build_plan(specs: dict, tap: tuple, config: dict, mode: str, batch: int, com
         ints = (net, groups, -1 if tap_ is None else tap_[0], 0 if tap_ is None or tap_[1] == "output" else 1)
         return plan.emit("forward", (x_slot,), 1 if tap_ is None else 2, ints=ints)
 
-    def backward(name, net, seed, seed_rows, top, group, weight_grads, input_grad, entry_pre_norm=False):
-        """A stream from layer ``top`` down; ``group``: rows per norm group in that network's forward."""
-        rows = stream_rows(specs[net], top, seed_rows, group, entry_pre_norm)
-        plan.streams.append(Stream(name, net, top, rows, weight_grads, input_grad, entry_pre_norm))
-        flat_rows = [v for i in range(top + 1) for v in rows[i]]
-        ints = (net, top, int(entry_pre_norm), int(input_grad), int(weight_grads), seed_rows[0], seed_rows[1],
-                *flat_rows)
+    def backward(name, net, seed, seed_rows, top, group, weight_grads, out_rows=None, entry_pre_norm=False):
+        """A stream from layer ``top`` down; ``group``: rows per norm group in that network's forward;
+        ``out_rows``: the rows of the network's input gradient wanted (None: no input gradient). Returns the
+        input gradient's slot and its rows."""
+        rows, dx_rows = stream_rows(specs[net], top, seed_rows, group, entry_pre_norm, weight_grads, out_rows)
+        input_grad = out_rows is not None
+        plan.streams.append(Stream(name, net, top, rows, dx_rows, weight_grads, input_grad, entry_pre_norm))
+        flat = [v for i in range(top + 1) for v in (*rows[i], *(dx_rows[i] or (-1, -1)))]
+        ints = (net, top, int(entry_pre_norm), int(input_grad), int(weight_grads), seed_rows[0], seed_rows[1], *flat)
         dx = plan.one("backward", (seed,), ints=ints)
-        return dx, rows[0]
+        return dx, dx_rows[0]
 
     terms = {}  # each loss term's slot
     # ---- forward
@@ -251,11 +281,13 @@ def build_plan(specs: dict, tap: tuple, config: dict, mode: str, batch: int, com
             u_full = _couples_at_or_below(dis_specs, tap_layer, pre)
             u_seed = seeded(plan.one("u_seed", (grad_real,), ints=(int(u_full),)))
         # ---- discriminator streams
-        backward("D", DISCRIMINATOR, seeded(d_seed), (0, fakes_end), top, dis_rows, True, False)
-        g_dx, g_rows = backward("G", DISCRIMINATOR, seeded(g_seed), (B, fakes_end), top, dis_rows, False, True)
+        # The decoder needs the discriminator's input gradients on the image rows alone: [x_p (; x_rec)].
+        images_rows = (B, dis_rows)
+        backward("D", DISCRIMINATOR, seeded(d_seed), (0, fakes_end), top, dis_rows, True)
+        g_dx, g_rows = backward("G", DISCRIMINATOR, seeded(g_seed), (B, fakes_end), top, dis_rows, False, images_rows)
         if mode == "vaegan":
             u_dx, u_rows = backward("U", DISCRIMINATOR, u_seed, (0, 3 * B) if u_full else (2 * B, 3 * B), tap_layer,
-                                    dis_rows, False, True, entry_pre_norm=pre)
+                                    dis_rows, False, images_rows, entry_pre_norm=pre)
             # Through the sigmoid into the decoder's logits ([prior; reconstruction]), with the pixel term.
             g_img = plan.one("rows", (g_dx,), ints=(B - g_rows[0], g_rows[1] - g_rows[0]))
             u_img = plan.one("rows", (u_dx,), ints=(max(B, u_rows[0]) - u_rows[0], u_rows[1] - u_rows[0]))
@@ -276,11 +308,11 @@ def build_plan(specs: dict, tap: tuple, config: dict, mode: str, batch: int, com
     # ---- decoder streams
     dec_top = len(specs[DECODER]) - 1
     if mode == "vae":  # one upstream for both: weights and the input gradient in one stream
-        dz, _ = backward("Dd+E", DECODER, dec_up, (0, B), dec_top, B, True, True)
+        dz, _ = backward("Dd+E", DECODER, dec_up, (0, B), dec_top, B, True, (0, B))
     else:
-        backward("Dd", DECODER, dec_up, (0, dec_rows), dec_top, B, True, False)
+        backward("Dd", DECODER, dec_up, (0, dec_rows), dec_top, B, True)
         if mode == "vaegan":  # the z rows are the second group whole: no coupling reaches outside them
-            dz, _ = backward("E", DECODER, enc_up, (B, 2 * B), dec_top, B, False, True)
+            dz, _ = backward("E", DECODER, enc_up, (B, 2 * B), dec_top, B, False, (B, 2 * B))
 
     # ---- encoder: the reparameterization, the KL and the clamp, then its layers
     if "encoder" in weights:
@@ -290,7 +322,7 @@ def build_plan(specs: dict, tap: tuple, config: dict, mode: str, batch: int, com
                                    ints=(int(scale_seeds),), floats=(weights["encoder"]["kl"] / B,))
         d_logvar = plan.one("clamp_backward", (d_logvar, logvar_raw), floats=(LOGVAR_MIN, LOGVAR_MAX))
         seed = cast(plan.one("cat_cols", (d_mu, d_logvar)), compute_dtype, loss_dtype)
-        backward("Enc", ENCODER, seed, (0, B), len(specs[ENCODER]) - 1, B, True, False)
+        backward("Enc", ENCODER, seed, (0, B), len(specs[ENCODER]) - 1, B, True)
 
     # ---- the losses, combined once from LOSSES
     for net, ws in weights.items():

@@ -36,7 +36,7 @@ def _none_if_empty(t):
 @_dispatch.register("layer_forward", "native")
 def layer_forward_native(spec, p, x, groups: int, training: bool):
     n = x.shape[0]
-    if spec.kind == "flatten":
+    if spec.kind == "flatten":  # channel-first rows (one copy of channels-last images)
         return x.contiguous().view(n, -1), LayerCache(x, None, None, None, None, training)
     if spec.kind == "unflatten":
         return x.contiguous().view(n, *spec.out_shape), LayerCache(x, None, None, None, None, training)
@@ -54,15 +54,20 @@ def layer_forward_native(spec, p, x, groups: int, training: bool):
 
 
 @_dispatch.register("layer_backward", "native")
-def layer_backward_native(spec, p, cache, dy, r0: int, r1: int, groups: int, entry_pre_norm: bool, need_dx: bool,
-                          need_dw: bool):
+def layer_backward_native(spec, p, cache, dy, r0: int, r1: int, dx_rows: tuple, groups: int, entry_pre_norm: bool,
+                          need_dx: bool, need_dw: bool, dy_writable: bool = False):
+    """(dx, dW, db, dgamma, dbeta); ``dy_writable``: dy may be overwritten (the training step gives up each
+    stream's gradients as it goes; autograd's must stay)."""
+    d0, d1 = dx_rows
     if spec.kind == "flatten":
-        return dy.contiguous().view(dy.shape[0], *cache.x.shape[1:]), None, None, None, None
+        return dy.narrow(0, d0 - r0, d1 - d0).contiguous().view(d1 - d0, *spec.in_shape), None, None, None, None
     if spec.kind == "unflatten":
-        return dy.contiguous().view(dy.shape[0], -1), None, None, None, None
+        return dy.narrow(0, d0 - r0, d1 - d0).contiguous().view(d1 - d0, -1), None, None, None, None
     whole = r0 == 0 and r1 == cache.x.shape[0]
     x = cache.x if whole else cache.x.narrow(0, r0, r1 - r0)
     if _plain_dense(spec):
+        if (d0, d1) != (r0, r1):
+            raise ValueError("a dense layer without a norm forms its input gradient on the rows it runs on")
         kept = cache.kept if whole else cache.kept.narrow(0, r0, r1 - r0)
         dx, dw, db = dense_backward_native(dy, x, p.weight, kept, p.bias is not None, spec.activation,
                                            spec.negative_slope, need_dx, need_dw)
@@ -78,7 +83,7 @@ def layer_backward_native(spec, p, cache, dy, r0: int, r1: int, groups: int, ent
                      cache.kept.narrow(0, r0, r1 - r0), mean, rstd, p.norm_weight, KIND_CODES[spec.kind],
                      list(spec.stride or (1, 1)), list(spec.padding or (0, 0)), list(spec.output_padding or (0, 0)),
                      spec.norm, cache.training, ng, CODES[spec.activation], spec.negative_slope,
-                     bool(entry_pre_norm), bool(need_dx), bool(need_dw))
+                     bool(entry_pre_norm), bool(need_dx), bool(need_dw), d0 - r0, d1 - d0, bool(dy_writable))
     return tuple(t if t.numel() > 0 else None for t in out)
 
 
@@ -120,8 +125,9 @@ class FusedLayerFunction(torch.autograd.Function):
             return (None, None, None, *[next(grads) if t is not None and need else None
                                         for t, need in zip(inputs, ctx.needs_input_grad[3:])])
         n = cache.x.shape[0]
-        dx, dw, db, dgamma, dbeta = layer_backward_native(spec, p, cache, dy, 0, n, 1, False,
-                                                          ctx.needs_input_grad[3], any(ctx.needs_input_grad[4:]))
+        dx, dw, db, dgamma, dbeta = layer_backward_native(spec, p, cache, dy, 0, n, (0, n), 1, False,
+                                                          ctx.needs_input_grad[3], any(ctx.needs_input_grad[4:]),
+                                                          dy_writable=False)
         if dx is not None and dx.shape != ctx.saved_tensors[0].shape:
             dx = dx.reshape(ctx.saved_tensors[0].shape)
         return None, None, None, dx, dw, db, dgamma, dbeta
@@ -160,10 +166,9 @@ _programs: dict = {}
 
 
 @_dispatch.register("plan_step", "native")
-def plan_step_native(plan, programs: dict, inputs: list, compute: torch.dtype) -> tuple:
-    """({net index: [grads in parameter order]}, losses) of ``plan`` run by kernels/cpu/plan_step.cpp."""
-    from ...step.execute import NetworkState
-    states = {net: NetworkState(program, compute) for net, program in programs.items()}
+def plan_step_native(plan, states: dict, inputs: list) -> tuple:
+    """({net index: [grads in parameter order]}, losses) of ``plan`` run by kernels/cpu/plan_step.cpp over the
+    networks' states (execute.NetworkState: their tensors in the step's dtype and layout)."""
     encoded = _programs.get(id(plan))
     if encoded is None or encoded[0] is not plan:
         encoded = _programs[id(plan)] = (plan, *_encode_program(plan))
@@ -174,9 +179,19 @@ def plan_step_native(plan, programs: dict, inputs: list, compute: torch.dtype) -
                      list(plan.networks), [plan.outputs[n] for n in names], plan.slots)
     grads, at = {}, 0
     for net in plan.networks:
-        count = sum(1 + int(s.bias) + 2 * int(s.norm) for s in states[net].specs if s.is_product)
-        grads[net] = list(out[at:at + count])
-        at += count
+        state = states[net]
+        state.grads = []
+        for spec in state.specs:
+            if not spec.is_product:
+                state.grads.append(None)
+                continue
+            dw = out[at]
+            db = out[at + 1] if spec.bias else None
+            at += 1 + int(spec.bias)
+            norm = tuple(out[at:at + 2]) if spec.norm else (None, None)
+            at += 2 * int(spec.norm)
+            state.grads.append((dw, db, *norm))
+        grads[net] = state.param_grads()
     return grads, dict(zip(names, out[at:]))
 
 
@@ -213,11 +228,16 @@ def _(x, weight, bias, norm_weight, norm_bias, running_mean, running_var, num_ba
 
 @torch.library.register_fake("vaegan_fast_native::fused_layer_backward")
 def _(dy, x, weight, has_bias, pre, kept, mean, rstd, norm_weight, kind, stride, padding, output_padding, norm,
-      training, groups, activation, negative_slope, entry_pre_norm, need_dx, need_dw):
+      training, groups, activation, negative_slope, entry_pre_norm, need_dx, need_dw, dx_start, dx_rows,
+      dy_writable):
     def empty():
         return x.new_empty((0,))
     c_out = weight.shape[0] if kind in (0, 1) else weight.shape[1]
-    dx = torch.empty_like(x) if need_dx else empty()
+    dx = empty()
+    if need_dx:
+        dx = x.new_empty((dx_rows, *x.shape[1:]))
+        if kind != 0:  # a conv's input gradient comes back channels-last
+            dx = dx.contiguous(memory_format=torch.channels_last)
     dw = torch.empty_like(weight) if need_dw else empty()
     db = x.new_empty((c_out,)) if need_dw and has_bias else empty()
     norm_grads = need_dw and norm and not entry_pre_norm

@@ -115,13 +115,16 @@ def layer_forward_reference(spec, p, x, groups: int, training: bool):
     return y, LayerCache(x, a, kept, mean, rstd, training)
 
 
-def layer_backward_reference(spec, p, cache, dy, r0: int, r1: int, groups: int, entry_pre_norm: bool,
-                             need_dx: bool, need_dw: bool):
+def layer_backward_reference(spec, p, cache, dy, r0: int, r1: int, dx_rows: tuple, groups: int,
+                             entry_pre_norm: bool, need_dx: bool, need_dw: bool, dy_writable: bool = False):
     """(dx, dW, db, dgamma, dbeta) of one layer from dy on rows [r0, r1) of its cache (each None when not
-    asked for or not there). In training mode with a norm, [r0, r1) must hold whole groups of the ``groups``
-    the forward used. ``entry_pre_norm``: dy is the gradient at the pre-norm point (a tap there)."""
+    asked for or not there); dx on the rows ``dx_rows`` = (d0, d1) within them. In training mode with a
+    norm, [r0, r1) must hold whole groups of the ``groups`` the forward used. ``entry_pre_norm``: dy is the
+    gradient at the pre-norm point (a tap there). ``dy_writable``: the caller gives dy up (a backend may compute
+    in its memory; this one never does)."""
+    d0, d1 = dx_rows
     if spec.kind in ("flatten", "unflatten"):
-        return dy.reshape(dy.shape[0], *spec.in_shape), None, None, None, None
+        return dy[d0 - r0:d1 - r0].reshape(d1 - d0, *spec.in_shape), None, None, None, None
     x = cache.x[r0:r1]
     dgamma = dbeta = None
     if entry_pre_norm:
@@ -154,17 +157,21 @@ def layer_backward_reference(spec, p, cache, dy, r0: int, r1: int, groups: int, 
         else:
             da = dh
     dx = dw = db = None
+    da_dx, x_dx = da[d0 - r0:d1 - r0], x[d0 - r0:d1 - r0]  # the rows of the input gradient wanted
     if spec.kind == "dense":
-        dx = da @ p.weight if need_dx else None
+        dx = da_dx @ p.weight if need_dx else None
         if need_dw:
             dw = da.t() @ x
             db = da.sum(0) if p.bias is not None else None
     else:
-        mask = [need_dx, need_dw, need_dw and p.bias is not None]
-        dx, dw, db = torch.ops.aten.convolution_backward(
-            da, x, p.weight, [p.weight.shape[0 if spec.kind == "conv2d" else 1]] if mask[2] else None,
-            list(spec.stride), list(spec.padding), [1, 1], spec.kind == "conv_transpose2d",
-            list(spec.output_padding), 1, mask)
+        conv = (list(spec.stride), list(spec.padding), [1, 1], spec.kind == "conv_transpose2d",
+                list(spec.output_padding), 1)
+        bias_sizes = [p.weight.shape[0 if spec.kind == "conv2d" else 1]] if p.bias is not None else None
+        if need_dx:
+            dx = torch.ops.aten.convolution_backward(da_dx, x_dx, p.weight, None, *conv, [True, False, False])[0]
+        if need_dw:
+            _, dw, db = torch.ops.aten.convolution_backward(da, x, p.weight, bias_sizes, *conv,
+                                                            [False, True, p.bias is not None])
     if not need_dw:
         dgamma = dbeta = None
     return dx, dw, db, dgamma, dbeta

@@ -24,15 +24,15 @@ def layer_forward_triton(spec, p, x, groups: int, training: bool):
 
 
 @_dispatch.register("layer_backward", "triton")
-def layer_backward_triton(spec, p, cache, dy, r0: int, r1: int, groups: int, entry_pre_norm: bool, need_dx: bool,
-                          need_dw: bool):
-    if _plain_dense(spec):
+def layer_backward_triton(spec, p, cache, dy, r0: int, r1: int, dx_rows: tuple, groups: int, entry_pre_norm: bool,
+                          need_dx: bool, need_dw: bool, dy_writable: bool = False):
+    if _plain_dense(spec) and tuple(dx_rows) == (r0, r1):
         from .._triton import dense_backward_triton
         x, kept = cache.x[r0:r1], cache.kept[r0:r1]
         dx, dw, db = dense_backward_triton(dy, x, p.weight, kept, p.bias is not None, spec.activation,
                                            spec.negative_slope, need_dx, need_dw)
         return dx, dw, db, None, None
-    return layer_backward_reference(spec, p, cache, dy, r0, r1, groups, entry_pre_norm, need_dx, need_dw)
+    return layer_backward_reference(spec, p, cache, dy, r0, r1, dx_rows, groups, entry_pre_norm, need_dx, need_dw)
 
 
 @_dispatch.register("layer_act", "triton")
