@@ -31,7 +31,8 @@
 #include <ATen/record_function.h>
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/col2im.h>
-#include <ATen/ops/constant_pad_nd.h>
+#include <ATen/ops/im2col.h>
+#include <ATen/ops/matmul.h>
 #include <ATen/ops/convolution.h>
 #include <ATen/ops/convolution_backward.h>
 #include <ATen/ops/zeros.h>
@@ -259,23 +260,22 @@ bool column_path(int64_t kind, const at::Tensor& weight) {
   return false;
 }
 
-// [N, C, H, W] (any layout) as im2col rows [N L, C kh kw]: a padded copy's sliding windows as a view, then one copy
-// (at::im2col loops over the samples, which cost more than the copy at these sizes).
-at::Tensor unfold_rows(const at::Tensor& x, at::IntArrayRef kernel, at::IntArrayRef stride, at::IntArrayRef padding) {
-  const at::Tensor padded = padding[0] || padding[1]
-                                ? at::constant_pad_nd(x, {padding[1], padding[1], padding[0], padding[0]}, 0)
-                                : x;
-  const at::Tensor windows = padded.unfold(2, kernel[0], stride[0]).unfold(3, kernel[1], stride[1]);  // N C oh ow kh kw
-  return windows.permute({0, 2, 3, 1, 4, 5}).reshape({-1, x.size(1) * kernel[0] * kernel[1]});
+// [N, C, H, W] (any layout) as im2col columns [N, C kh kw, L] (one at::im2col call with the samples as channels:
+// its own loop over the samples cost more than the copy at these sizes).
+at::Tensor unfold_cols(const at::Tensor& x, at::IntArrayRef kernel, at::IntArrayRef stride, at::IntArrayRef padding) {
+  const int64_t n = x.size(0);
+  at::Tensor cols = at::im2col(x.contiguous().view({1, n * x.size(1), x.size(2), x.size(3)}), kernel, {1, 1}, padding,
+                               stride);
+  return cols.view({n, -1, cols.size(2)});
 }
 
-// rows [N L, C kh kw] summed back into [N, C, H, W] (col2im, with the samples as channels: one call).
-at::Tensor fold_rows(const at::Tensor& rows, int64_t n, at::IntArrayRef out_hw, at::IntArrayRef kernel,
-                     at::IntArrayRef stride, at::IntArrayRef padding) {
-  const int64_t width = rows.size(1), blocks = rows.size(0) / n;
-  at::Tensor cols = rows.view({n, blocks, width}).transpose(1, 2).reshape({1, n * width, blocks});
-  const int64_t channels = width / (kernel[0] * kernel[1]);
-  return at::col2im(cols, out_hw, kernel, {1, 1}, padding, stride).view({n, channels, out_hw[0], out_hw[1]});
+// columns [N, C kh kw, L] summed back into [N, C, H, W] (col2im, the samples as channels: one call).
+at::Tensor fold_cols(const at::Tensor& cols, at::IntArrayRef out_hw, at::IntArrayRef kernel, at::IntArrayRef stride,
+                     at::IntArrayRef padding) {
+  const int64_t n = cols.size(0), channels = cols.size(1) / (kernel[0] * kernel[1]);
+  return at::col2im(cols.contiguous().view({1, n * cols.size(1), cols.size(2)}), out_hw, kernel, {1, 1}, padding,
+                    stride)
+      .view({n, channels, out_hw[0], out_hw[1]});
 }
 
 // [N L, C] rows as the channels-last [N, C, oh, ow] view.
@@ -288,44 +288,51 @@ at::Tensor product(int64_t kind, const at::Tensor& x, const at::Tensor& weight, 
   if (kind == kDense) return bias ? at::addmm(*bias, x, weight.t()) : at::mm(x, weight.t());
   if (column_path(kind, weight)) {
     const int64_t n = x.size(0), kh = weight.size(2), kw = weight.size(3);
-    if (kind == kConv) {
+    if (kind == kConv) {  // rows = cols^T W^T per sample: a batched GEMM reading the columns transposed
       const int64_t oh = (x.size(2) + 2 * padding[0] - kh) / stride[0] + 1;
       const int64_t ow = (x.size(3) + 2 * padding[1] - kw) / stride[1] + 1;
-      at::Tensor cols = unfold_rows(x, {kh, kw}, stride, padding);
-      at::Tensor w = weight.reshape({weight.size(0), -1}).t();
-      return rows_as_image(bias ? at::addmm(*bias, cols, w) : at::mm(cols, w), n, oh, ow);
+      at::Tensor cols = unfold_cols(x, {kh, kw}, stride, padding);                  // [N, Cin kh kw, L]
+      at::Tensor w = weight.reshape({weight.size(0), -1}).t();                       // [Cin kh kw, Cout]
+      at::Tensor rows = at::matmul(cols.transpose(1, 2), w).view({n * oh * ow, -1});  // [N L, Cout]
+      if (bias) rows.add_(*bias);
+      return rows_as_image(rows, n, oh, ow);
     }
+    // conv_transpose2d: cols = W^T x_rows^T per sample, then col2im
     const int64_t oh = (x.size(2) - 1) * stride[0] - 2 * padding[0] + kh + output_padding[0];
     const int64_t ow = (x.size(3) - 1) * stride[1] - 2 * padding[1] + kw + output_padding[1];
-    at::Tensor rows = x.permute({0, 2, 3, 1}).reshape({-1, x.size(1)});  // [N H W, Cin]
-    at::Tensor y = fold_rows(at::mm(rows, weight.reshape({weight.size(0), -1})), n, {oh, ow}, {kh, kw}, stride,
-                             padding);
+    const at::Tensor rows = x.permute({0, 2, 3, 1}).reshape({n, -1, x.size(1)});     // [N, H W, Cin]
+    const at::Tensor wt = weight.reshape({weight.size(0), -1}).t();                   // [Cout kh kw, Cin]
+    at::Tensor y = fold_cols(at::matmul(wt, rows.transpose(1, 2)), {oh, ow}, {kh, kw}, stride, padding);
     return bias ? y.add_(bias->view({1, -1, 1, 1})) : y;
   }
   return at::convolution(x, weight, bias, stride, padding, {1, 1}, kind == kConvTranspose, output_padding, 1);
 }
 
-// {dx, dW, db} of a column-path product from da (channels-last rows [N L, C_out] of the product's output).
+// {dx, dW, db} of a column-path product from da (the product's output gradient, channels-last).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> column_backward(int64_t kind, const at::Tensor& da, const at::Tensor& x,
                                                                const at::Tensor& weight, at::IntArrayRef stride,
                                                                at::IntArrayRef padding, bool need_dx, bool need_dw,
                                                                bool need_db) {
   const int64_t n = x.size(0), kh = weight.size(2), kw = weight.size(3);
+  const at::Tensor w = weight.reshape({weight.size(0), -1});
   at::Tensor dx, dw, db;
-  if (kind == kConv) {  // y rows = cols(x) @ W^T: dW = da^T cols, dx = fold(da W)
-    const at::Tensor rows = da.permute({0, 2, 3, 1}).reshape({-1, da.size(1)});  // a view when channels-last
-    const at::Tensor w = weight.reshape({weight.size(0), -1});
-    if (need_dw) dw = at::mm(rows.t(), unfold_rows(x, {kh, kw}, stride, padding)).view(weight.sizes());
-    if (need_dx) dx = fold_rows(at::mm(rows, w), n, {x.size(2), x.size(3)}, {kh, kw}, stride, padding);
-    if (need_db) db = rows.sum(0);
-  } else {  // y = fold(x rows @ W): dW = x rows^T cols(da), dx rows = cols(da) @ W^T
-    const at::Tensor cols = unfold_rows(da, {kh, kw}, stride, padding);  // [N H W, Cout kh kw]
-    const at::Tensor w = weight.reshape({weight.size(0), -1});           // [Cin, Cout kh kw]
+  if (kind == kConv) {  // rows = cols^T W^T: dW = sum_n da_n^T cols_n^T, dx = col2im(W^T da_n^T)
+    const at::Tensor rows = da.permute({0, 2, 3, 1}).reshape({n, -1, da.size(1)});  // [N, L, Cout], a view
+    if (need_dw)
+      dw = at::matmul(rows.transpose(1, 2), unfold_cols(x, {kh, kw}, stride, padding).transpose(1, 2))
+               .sum(0)
+               .view(weight.sizes());
+    if (need_dx)
+      dx = fold_cols(at::matmul(w.t(), rows.transpose(1, 2)), {x.size(2), x.size(3)}, {kh, kw}, stride, padding);
+    if (need_db) db = rows.sum({0, 1});
+  } else {  // cols(y) = W^T x_rows^T: dW = sum_n x_rows_n^T cols(da)_n^T, dx rows = cols(da)_n^T W^T
+    const at::Tensor cols = unfold_cols(da, {kh, kw}, stride, padding);  // [N, Cout kh kw, H W]
     if (need_dw) {
-      const at::Tensor rows = x.permute({0, 2, 3, 1}).reshape({-1, x.size(1)});
-      dw = at::mm(rows.t(), cols).view(weight.sizes());
+      const at::Tensor rows = x.permute({0, 2, 3, 1}).reshape({n, -1, x.size(1)});  // [N, H W, Cin]
+      dw = at::matmul(rows.transpose(1, 2), cols.transpose(1, 2)).sum(0).view(weight.sizes());
     }
-    if (need_dx) dx = rows_as_image(at::mm(cols, w.t()), n, x.size(2), x.size(3));
+    if (need_dx) dx = rows_as_image(at::matmul(cols.transpose(1, 2), w.t()).view({-1, x.size(1)}), n, x.size(2),
+                                    x.size(3));
     if (need_db) db = da.sum({0, 2, 3});
   }
   return {dx, dw, db};

@@ -218,13 +218,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_act_backward(
   at::Tensor gx = at::empty({0}, x.options()), gw = at::empty({0}, x.options());
   auto grad_input = [&] { gx = at::mm(ga_mm, bf16 ? weight.to(at::kFloat) : weight); };
   auto grad_weight = [&] { gw = at::mm(ga_mm.t(), bf16 ? x.to(at::kFloat) : x); };
-  if (mask[0] && mask[1] && at::get_num_threads() <= 2 && !at::in_parallel_region()) {
-    // The two products are independent: on two threads they run side by side, one thread each (BLAS runs
-    // single-threaded inside a parallel region). BLAS's own two-thread split of one small product spends much
-    // of its time in OpenMP's fork and join (perf: 15-25% of the samples spinning in libgomp at
-    // 256x128->64): side by side, the pair took 72 us instead of 91 at 256x128->64 and the same time at
-    // 1536x784->1024 (bench/results, README). With more threads each product keeps all of them instead.
-    // With 1 or 2 threads each product is then computed by single-threaded BLAS: the same bits either way.
+  // The two products are independent: on two threads they run side by side, one thread each (BLAS runs
+  // single-threaded inside a parallel region). BLAS's own two-thread split of one small product spends much
+  // of its time in OpenMP's fork and join; of a large one it does not, and there one thread per product is
+  // slower (docs/performance.md): side by side up to kSideBySideMacs multiply-adds per product.
+  // With 1 or 2 threads each product is then computed by single-threaded BLAS: the same bits either way.
+  constexpr int64_t kSideBySideMacs = int64_t(1) << 24;
+  if (mask[0] && mask[1] && at::get_num_threads() <= 2 && !at::in_parallel_region() &&
+      M * N * x.size(1) <= kSideBySideMacs) {
     at::parallel_for(0, 2, 1, [&](int64_t begin, int64_t end) {
       for (int64_t which = begin; which < end; ++which) which == 0 ? grad_input() : grad_weight();
     });

@@ -174,10 +174,12 @@ std::array<at::Tensor, 5> layer_backward(const Layer& l, const Cache& c, const a
 }
 
 // execute.py's _backward: one stream, top layer down; returns the input gradient (undefined unless asked).
-at::Tensor stream_backward(Network& net, const at::Tensor& seed, const std::vector<int64_t>& ints) {
+at::Tensor stream_backward(Network& net, const at::Tensor& seed, const at::Tensor& joined_seed,
+                           const std::vector<int64_t>& ints, const std::vector<double>& floats) {
   const int64_t top = ints[1];
   const bool entry_pre_norm = ints[2], input_grad = ints[3], weight_grads = ints[4];
   int64_t g0 = ints[5], g1 = ints[6];
+  const int64_t join_layer = ints[7], j0 = ints[8], j1 = ints[9];
   if (weight_grads) {
     net.grads.assign(net.layers.size(), {});
     net.has_grads = true;
@@ -189,7 +191,7 @@ at::Tensor stream_backward(Network& net, const at::Tensor& seed, const std::vect
   else if (top + 1 < static_cast<int64_t>(net.caches.size())) like = net.caches[top + 1].x;
   if (like.defined()) g = from_rows(g, like.narrow(0, g0, g1 - g0));
   for (int64_t i = top; i >= 0; --i) {
-    const int64_t r0 = ints[7 + 4 * i], r1 = ints[8 + 4 * i], d0 = ints[9 + 4 * i], d1 = ints[10 + 4 * i];
+    const int64_t r0 = ints[10 + 4 * i], r1 = ints[11 + 4 * i], d0 = ints[12 + 4 * i], d1 = ints[13 + 4 * i];
     if (r0 != g0 || r1 != g1) {  // the rows this layer runs on: the gradient's rows there, zeros elsewhere
       const int64_t lo = std::max(r0, g0), hi = std::min(r1, g1);
       if (lo == r0 && hi == r1) {
@@ -201,6 +203,11 @@ at::Tensor stream_backward(Network& net, const at::Tensor& seed, const std::vect
         if (lo < hi) wide.narrow(0, lo - r0, hi - lo).copy_(g.narrow(0, lo - g0, hi - lo));
         g = wide;
       }
+    }
+    if (i == join_layer) {  // the second seed enters at this layer's output (on the rows it runs on)
+      const int64_t lo = std::max(r0, j0), hi = std::min(r1, j1);
+      const at::Tensor joined = from_rows(joined_seed, net.caches[i + 1].x.narrow(0, j0, j1 - j0));
+      if (lo < hi) g.narrow(0, lo - r0, hi - lo).add_(joined.narrow(0, lo - j0, hi - lo), floats[0]);
     }
     const Layer& l = net.layers[i];
     const bool need_dx = d0 >= 0;
@@ -380,7 +387,9 @@ std::vector<at::Tensor> plan_step(const c10::List<std::optional<at::Tensor>>& in
         break;
       }
       case kViewRows: out = {rows_view(in(0))}; break;
-      case kBackward: out = {stream_backward(nets[ints[0]], in(0), ints)}; break;
+      case kBackward:
+        out = {stream_backward(nets[ints[0]], in(0), ins.size() > 1 ? in(1) : at::Tensor(), ints, floats)};
+        break;
       case kImageHeadBackward: {
         TORCH_CHECK(!ints[2], "vaegan_fast native plan_step: a loss scale is not for the native backend");
         const at::Tensor& images = in(0);

@@ -15,11 +15,12 @@ same order). What each op does, slots named by position in ``ins`` / ``outs``:
     softplus(x_1..x_n) -> (sum_k c_k mean softplus(s_k x_k), [its gradients, rows concatenated]); floats
                                     (s_1..s_n, c_1..c_n)            softplus_mean(t) -> mean softplus(s t)
     combine(t_1..t_n) -> sum_k c_k t_k                              view_rows(t) -> t as [N, features]
-    backward(seed) -> dx            one stream: ints (net, top layer, entry at the pre-norm point, input
-                                    gradient wanted, weight gradients wanted, seed rows s0 s1, then per layer
-                                    0..top the rows of its output gradient it runs on (r0, r1) and of its input
-                                    gradient it forms (d0, d1; -1 -1: none)); weight gradients go to the
-                                    network's gradient list
+    backward(seed [, joined]) -> dx one stream: ints (net, top layer, entry at the pre-norm point, input
+                                    gradient wanted, weight gradients wanted, seed rows s0 s1, the layer where
+                                    the second seed joins (-1: none) and its rows j0 j1, then per layer 0..top
+                                    the rows of its output gradient it runs on (r0, r1) and of its input gradient
+                                    it forms (d0, d1; -1 -1: none)); floats (the joined seed's coefficient);
+                                    weight gradients go to the network's gradient list
     image_head_backward(images, x, g, u [, scale]) -> (dec_up, enc_up)   ints (g has reconstruction rows, u
                                     has prior rows, scaled); floats (gamma, pixel factor)
     sigmoid_backward(s, g) -> g s (1 - s)     pixel_grad(s, x [, scale]) -> (s - x) factor [scale]
@@ -179,7 +180,7 @@ def run_plan(plan, networks: dict, inputs: list, kernels: Kernels, on_network_do
             out = (rows_view(a[0]),)
         elif op == "backward":
             state = networks[ins.ints[0]]
-            out = (_backward(state, a[0], ins.ints, k),)
+            out = (_backward(state, a, ins.ints, ins.floats, k),)
             if ins.ints[4] and on_network_done is not None:
                 on_network_done(ins.ints[0], state.param_grads())
         elif op == "image_head_backward":
@@ -225,13 +226,13 @@ def run_plan(plan, networks: dict, inputs: list, kernels: Kernels, on_network_do
     return grads, losses
 
 
-def _backward(state: NetworkState, seed: torch.Tensor, ints: tuple, k: Kernels):
+def _backward(state: NetworkState, seeds: list, ints: tuple, floats: tuple, k: Kernels):
     """One backward stream (see run_plan); returns the input gradient, or None."""
-    net, top, entry_pre_norm, input_grad, weight_grads, s0, s1 = ints[:7]
-    layers = [ints[7 + 4 * i:11 + 4 * i] for i in range(top + 1)]  # (r0, r1, d0, d1) per layer
+    net, top, entry_pre_norm, input_grad, weight_grads, s0, s1, join_layer, j0, j1 = ints[:10]
+    layers = [ints[10 + 4 * i:14 + 4 * i] for i in range(top + 1)]  # (r0, r1, d0, d1) per layer
     if weight_grads:
         state.grads = [None] * len(state.specs)
-    g, g_rows = seed, (s0, s1)
+    g, g_rows = seeds[0], (s0, s1)
     top_cache = state.caches[top]
     like = top_cache.pre if entry_pre_norm else (state.caches[top + 1].x if top + 1 < len(state.caches) else None)
     if like is not None:
@@ -247,6 +248,11 @@ def _backward(state: NetworkState, seed: torch.Tensor, ints: tuple, k: Kernels):
                 if lo < hi:
                     wide[lo - r0:hi - r0] = g[lo - g_rows[0]:hi - g_rows[0]]
                 g = wide
+        if i == join_layer:  # the second seed enters at this layer's output (on the rows it runs on)
+            lo, hi = max(r0, j0), min(r1, j1)
+            joined = from_rows(seeds[1], state.caches[i + 1].x[j0:j1])
+            if lo < hi:
+                g.narrow(0, lo - r0, hi - lo).add_(joined.narrow(0, lo - j0, hi - lo), alpha=floats[0])
         spec = state.specs[i]
         need_dx = d0 >= 0
         dx, dw, db, dgamma, dbeta = k.layer_backward(spec, state.params[i], state.caches[i], g, r0, r1,

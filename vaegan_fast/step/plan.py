@@ -31,6 +31,7 @@ are the inputs x, eps, z_prior (and fp16's loss scale). See execute.py for what 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
 
@@ -87,6 +88,7 @@ class Stream:
     weight_grads: bool
     input_grad: bool
     entry_pre_norm: bool = False
+    join: Optional[tuple] = None  # (layer, seed rows, coefficient): a second seed added at that layer's output
 
 
 @dataclass
@@ -142,10 +144,10 @@ def _meet(a, b):
 
 
 def stream_rows(specs: list, top: int, seed_rows: tuple, group: int, entry_pre_norm: bool, weight_grads: bool,
-                out_rows) -> tuple:
+                out_rows, join: Optional[tuple] = None) -> tuple:
     """([rows of each layer's output gradient it runs on], [rows of its input gradient it forms, or None])
-    for layers 0..top of a stream whose seed covers ``seed_rows`` and whose input gradient is wanted on
-    ``out_rows`` (None: not wanted).
+    for layers 0..top of a stream whose seed covers ``seed_rows`` (and ``join`` = (layer, rows): a second seed
+    entering at that layer's output) and whose input gradient is wanted on ``out_rows`` (None: not wanted).
 
     Top down, the rows where the gradient can be non-zero widen to whole groups at each layer that couples
     rows. Bottom up, each layer forms its input gradient only on the rows the layer below needs: a layer
@@ -155,6 +157,8 @@ def stream_rows(specs: list, top: int, seed_rows: tuple, group: int, entry_pre_n
     nonzero = [None] * (top + 1)  # rows of layer i's output gradient that can be non-zero
     current = seed_rows
     for i in range(top, -1, -1):
+        if join is not None and i == join[0]:
+            current = _hull(current, join[1])
         nonzero[i] = current
         if couples[i]:
             current = _expand(current, group)
@@ -203,16 +207,24 @@ def build_plan(specs: dict, tap: tuple, config: dict, mode: str, batch: int, com
         ints = (net, groups, -1 if tap_ is None else tap_[0], 0 if tap_ is None or tap_[1] == "output" else 1)
         return plan.emit("forward", (x_slot,), 1 if tap_ is None else 2, ints=ints)
 
-    def backward(name, net, seed, seed_rows, top, group, weight_grads, out_rows=None, entry_pre_norm=False):
+    def backward(name, net, seed, seed_rows, top, group, weight_grads, out_rows=None, entry_pre_norm=False,
+                 join=None):
         """A stream from layer ``top`` down; ``group``: rows per norm group in that network's forward;
-        ``out_rows``: the rows of the network's input gradient wanted (None: no input gradient). Returns the
-        input gradient's slot and its rows."""
-        rows, dx_rows = stream_rows(specs[net], top, seed_rows, group, entry_pre_norm, weight_grads, out_rows)
+        ``out_rows``: the rows of the network's input gradient wanted (None: no input gradient); ``join``:
+        (seed slot, layer, rows, coefficient), a second seed added at that layer's output. Returns the input
+        gradient's slot and its rows."""
+        join_rows = (join[1], join[2]) if join is not None else None
+        rows, dx_rows = stream_rows(specs[net], top, seed_rows, group, entry_pre_norm, weight_grads, out_rows,
+                                    join_rows)
         input_grad = out_rows is not None
-        plan.streams.append(Stream(name, net, top, rows, dx_rows, weight_grads, input_grad, entry_pre_norm))
+        plan.streams.append(Stream(name, net, top, rows, dx_rows, weight_grads, input_grad, entry_pre_norm,
+                                   None if join is None else join[1:]))
         flat = [v for i in range(top + 1) for v in (*rows[i], *(dx_rows[i] or (-1, -1)))]
-        ints = (net, top, int(entry_pre_norm), int(input_grad), int(weight_grads), seed_rows[0], seed_rows[1], *flat)
-        dx = plan.one("backward", (seed,), ints=ints)
+        joined = (join[1], *join[2]) if join is not None else (-1, 0, 0)
+        ints = (net, top, int(entry_pre_norm), int(input_grad), int(weight_grads), seed_rows[0], seed_rows[1],
+                *joined, *flat)
+        ins = (seed,) if join is None else (seed, join[0])
+        dx = plan.one("backward", ins, ints=ints, floats=() if join is None else (join[3],))
         return dx, dx_rows[0]
 
     terms = {}  # each loss term's slot
@@ -284,10 +296,25 @@ def build_plan(specs: dict, tap: tuple, config: dict, mode: str, batch: int, com
         # The decoder needs the discriminator's input gradients on the image rows alone: [x_p (; x_rec)].
         images_rows = (B, dis_rows)
         backward("D", DISCRIMINATOR, seeded(d_seed), (0, fakes_end), top, dis_rows, True)
-        g_dx, g_rows = backward("G", DISCRIMINATOR, seeded(g_seed), (B, fakes_end), top, dis_rows, False, images_rows)
         if mode == "vaegan":
-            u_dx, u_rows = backward("U", DISCRIMINATOR, u_seed, (0, 3 * B) if u_full else (2 * B, 3 * B), tap_layer,
-                                    dis_rows, False, images_rows, entry_pre_norm=pre)
+            u_rows_seed = (0, 3 * B) if u_full else (2 * B, 3 * B)
+            # The decoder's share of the feature term, gamma U, can ride on G from the tap down when G covers
+            # those rows there anyway (reconstructions as fakes, or a coupling layer): one stream less through
+            # the lower layers for the decoder, and U then runs for the encoder's reconstruction rows alone.
+            g_rows_at_tap = stream_rows(dis_specs, top, (B, fakes_end), dis_rows, False, False, images_rows)[0][
+                tap_layer]
+            join = (not pre and g_rows_at_tap[0] <= u_rows_seed[0] and u_rows_seed[1] <= g_rows_at_tap[1])
+            gamma = weights["decoder"]["llike"]
+            if join:
+                g_dx, g_rows = backward("G+U", DISCRIMINATOR, seeded(g_seed), (B, fakes_end), top, dis_rows, False,
+                                        images_rows, join=(u_seed, tap_layer, u_rows_seed, gamma))
+                u_dx, u_rows = backward("U", DISCRIMINATOR, u_seed, u_rows_seed, tap_layer, dis_rows, False,
+                                        (2 * B, 3 * B), entry_pre_norm=pre)
+            else:
+                g_dx, g_rows = backward("G", DISCRIMINATOR, seeded(g_seed), (B, fakes_end), top, dis_rows, False,
+                                        images_rows)
+                u_dx, u_rows = backward("U", DISCRIMINATOR, u_seed, u_rows_seed, tap_layer, dis_rows, False,
+                                        images_rows, entry_pre_norm=pre)
             # Through the sigmoid into the decoder's logits ([prior; reconstruction]), with the pixel term.
             g_img = plan.one("rows", (g_dx,), ints=(B - g_rows[0], g_rows[1] - g_rows[0]))
             u_img = plan.one("rows", (u_dx,), ints=(max(B, u_rows[0]) - u_rows[0], u_rows[1] - u_rows[0]))
@@ -296,8 +323,11 @@ def build_plan(specs: dict, tap: tuple, config: dict, mode: str, batch: int, com
             dec_up, enc_up = plan.emit(
                 "image_head_backward", (images, X, g_img, u_img, *((LOSS_SCALE,) if scale_seeds else ())), 2,
                 ints=(int(g_has_rec), int(u_has_prior), int(scale_seeds)),
-                floats=(weights["decoder"]["llike"], pixel_weight / B))
-        else:  # gan: the generator's gradient through the sigmoid, on the prior rows
+                floats=(0.0 if join else gamma, pixel_weight / B))
+        else:
+            g_dx, g_rows = backward("G", DISCRIMINATOR, seeded(g_seed), (B, fakes_end), top, dis_rows, False,
+                                    images_rows)
+        if mode == "gan":  # the generator's gradient through the sigmoid, on the prior rows
             g_img = plan.one("rows", (g_dx,), ints=(B - g_rows[0], g_rows[1] - g_rows[0]))
             dec_up = plan.one("sigmoid_backward", (images, g_img))
     else:  # vae: the pixel term alone, at the logits
