@@ -1,11 +1,12 @@
 """Does the fusion pay off? Train a VAE, a GAN and a VAE-GAN the same way and compare them.
 
     python bench/quality.py --steps 3000 --seeds 0,1,2
+    python bench/quality.py --preset conv --steps 1500,3000      # the conv networks, evaluated at both budgets
     python bench/quality.py --modes vaegan --precisions fp32,bf16   # is low-precision training as good?
 
-All three are vaegan_fast.Model with the "seed" preset's networks, trained on the Fashion-MNIST train split
-with the same batch size, step budget, optimizer (Adam, lr 2e-4, betas (0.5, 0.999)) and seeds; only `mode`
-and the loss options differ:
+All three are vaegan_fast.Model with one preset's networks (default "seed"), trained on the Fashion-MNIST
+train split with the same batch size (the preset's), step budget, optimizer (Adam, lr 2e-4, betas
+(0.5, 0.999)) and seeds; only `mode` and the loss options differ:
 - vae:    mode="vae": KL + pixel-wise BCE likelihood (pixel_weight 1); no discriminator;
 - gan:    mode="gan": non-saturating GAN on prior samples; no encoder;
 - vaegan: the library's defaults: feature-space reconstruction (gamma 1) + pixel term (pixel_weight 1),
@@ -26,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from vaegan_fast import PRESETS, RECOMMENDED_BATCH
 from vaegan_fast.data import load_fashion_mnist
 from vaegan_fast.evaluate import features, frechet_distance, load_classifier
 from vaegan_fast.evaluate import evaluate_model
@@ -65,14 +67,17 @@ def side_by_side(grids: dict, path: Path) -> None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=3000)
+    p.add_argument("--steps", default="3000", help="comma list of step budgets: each run is evaluated at each")
     p.add_argument("--seeds", default="0,1,2")
-    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--preset", default="seed", choices=tuple(PRESETS))
+    p.add_argument("--batch-size", type=int, default=None, help="default: the preset's")
     p.add_argument("--samples", type=int, default=10000)
     p.add_argument("--out", default=None, help="folder for the runs (default bench/results/quality-runs)")
     p.add_argument("--modes", default=",".join(MODES), help=f"comma list of {tuple(MODES)}")
     p.add_argument("--precisions", default="fp32", help="comma list of Model precisions, e.g. fp32,bf16")
     args = p.parse_args(argv)
+    budgets = sorted(int(s) for s in args.steps.split(","))
+    batch = args.batch_size or RECOMMENDED_BATCH[args.preset]
     seeds = [int(s) for s in args.seeds.split(",")]
     modes = args.modes.split(",")
     if any(m not in MODES for m in modes):
@@ -87,35 +92,43 @@ def main(argv=None) -> int:
     results = []
     for mode, options in variants.items():
         for seed in seeds:
-            out = runs / f"{mode.replace(' (', '-').rstrip(')')}-seed{seed}"
+            out = runs / f"{args.preset}-{mode.replace(' (', '-').rstrip(')')}-seed{seed}"
             if (out / "checkpoint.pt").exists():
                 (out / "checkpoint.pt").unlink()
-            start = time.perf_counter()
-            model = train(options, data="fashion-mnist", steps=args.steps, batch_size=args.batch_size,
-                          out=str(out), preset="seed", seed=seed, checkpoint_every=args.steps,
-                          grid_every=args.steps, progress=False)
-            seconds = time.perf_counter() - start
-            result = evaluate_model(model, samples=args.samples, seed=seed, test=test)
-            result.update(seed=seed, train_seconds=seconds, steps=args.steps, options=options, variant=mode)
-            results.append(result)
-            print(json.dumps({k: v for k, v in result.items() if k != "options"}), flush=True)
+            seconds = 0.0
+            for steps in budgets:  # one run, evaluated at each budget on the way
+                start = time.perf_counter()
+                model = train(options, data="fashion-mnist", steps=steps, batch_size=batch, out=str(out),
+                              preset=args.preset, seed=seed, checkpoint_every=steps, grid_every=steps,
+                              progress=False, resume=steps != budgets[0], log=lambda *a: None)
+                seconds += time.perf_counter() - start
+                result = evaluate_model(model, samples=args.samples, seed=seed, test=test)
+                result.update(seed=seed, train_seconds=seconds, steps=steps, options=options, variant=mode,
+                              preset=args.preset)
+                results.append(result)
+                print(json.dumps({k: v for k, v in result.items() if k != "options"}), flush=True)
 
     # The floor: real training images against the test split, in the same features.
     classifier, accuracy = load_classifier()
     train_images = load_fashion_mnist("train").images[:args.samples]
     floor = frechet_distance(features(classifier, test.images), features(classifier, train_images))
 
-    lines = [f"| model | {' | '.join(label for _, label, _ in METRICS)} |", "|---" * (len(METRICS) + 1) + "|"]
-    for mode in variants:
-        rows = [r for r in results if r["variant"] == mode]
-        lines.append(f"| {mode} | " + " | ".join(_cell([r[k] for r in rows], spec) for k, _, spec in METRICS) + " |")
-    lines.append(f"| real train images | - | - | {floor:.2f} | - | - | - |")
+    lines = []
+    for steps in budgets:
+        lines += [f"{steps} steps:", "", f"| model | {' | '.join(label for _, label, _ in METRICS)} |",
+                  "|---" * (len(METRICS) + 1) + "|"]
+        for mode in variants:
+            rows = [r for r in results if r["variant"] == mode and r["steps"] == steps]
+            lines.append(f"| {mode} | " + " | ".join(_cell([r[k] for r in rows], spec) for k, _, spec in METRICS)
+                         + " |")
+        lines += [f"| real train images | - | - | {floor:.2f} | - | - | - |", ""]
     table = "\n".join(lines)
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     stem = RESULTS / f"quality-{stamp}"
-    side_by_side({mode: runs / f"{mode.replace(' (', '-').rstrip(')')}-seed{seeds[0]}" / "samples_final.png"
-                  for mode in variants}, stem.with_suffix(".png"))
-    header = (f"{args.steps} steps, batch {args.batch_size}, seeds {seeds} (mean ± std), {args.samples} samples; "
+    side_by_side({mode: runs / f"{args.preset}-{mode.replace(' (', '-').rstrip(')')}-seed{seeds[0]}" /
+                  "samples_final.png" for mode in variants}, stem.with_suffix(".png"))
+    header = (f"preset {args.preset}, {', '.join(map(str, budgets))} steps, batch {batch}, seeds {seeds} "
+              f"(mean ± std), {args.samples} samples; "
               f"feature classifier test accuracy {accuracy:.4f}; torch {torch.__version__}; "
               f"command: `{' '.join([sys.executable.split('/')[-1], *sys.argv])}`")
     stem.with_suffix(".md").write_text(header + "\n\n" + table + "\n")
