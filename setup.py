@@ -1,7 +1,7 @@
 """Install vaegan_fast.
 
-The Triton source lives in the top-level ``kernels/`` folder (device code, kept apart from the library as
-the design asks), but it is installed *inside* the package as ``vaegan_fast.kernels`` through
+The Triton source lives in the top-level ``kernels/triton/`` folder (device code, kept apart from the library
+as the design asks), but it is installed *inside* the package as ``vaegan_fast.kernels`` through
 ``package_dir``. That keeps a generic top-level module called ``kernels`` (a published PyPI package
 already has that name) out of site-packages. Editable installs map it the same way.
 
@@ -28,7 +28,7 @@ import shutil
 import subprocess
 import sys
 
-from setuptools import Extension, setup
+from setuptools import Extension, find_packages, setup
 from setuptools.command.build_ext import build_ext
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -108,9 +108,9 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["vaegan_fast", "vaegan_fast.ops", "vaegan_fast.nn", "vaegan_fast.kernels"],
+    packages=find_packages(include=["vaegan_fast", "vaegan_fast.*"]) + ["vaegan_fast.kernels"],
     package_data={"vaegan_fast": ["assets/*.pt"]},
-    package_dir={"vaegan_fast.kernels": "kernels"},
+    package_dir={"vaegan_fast.kernels": "kernels/triton"},
     ext_modules=native_extensions(),
     cmdclass={"build_ext": CMakeBuild},
     install_requires=[

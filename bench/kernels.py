@@ -28,10 +28,10 @@ import torch
 import torch.nn.functional as F
 
 from vaegan_fast import ops
-from vaegan_fast.ops.gan_losses import (discriminator_loss_reference, feature_recon_loss_reference,
-                                        generator_loss_reference)
-from vaegan_fast.ops.linear_act import linear_act_reference
-from vaegan_fast.ops.reparam_kl import reparam_kl_reference
+from vaegan_fast.ops.gan_losses.reference import (discriminator_loss_reference, feature_recon_loss_reference,
+                                                  generator_loss_reference)
+from vaegan_fast.ops.layer.reference import linear_act_reference
+from vaegan_fast.ops.reparam_kl.reference import reparam_kl_reference
 from vaegan_fast.testing import mismatch
 
 MODES = ("forward", "backward", "both")

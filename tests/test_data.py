@@ -134,7 +134,7 @@ def test_synthetic_images_are_structured_and_in_range():
 
 
 def test_batch_stream_is_a_function_of_the_step_and_covers_each_epoch_once():
-    ds = data.ImageDataset(torch.arange(10.0).unsqueeze(1), (1, 1))
+    ds = data.ImageDataset(torch.arange(10.0).unsqueeze(1), (1, 1, 1))
     stream = data.BatchStream(ds, 3, seed=7)
     epoch0 = torch.cat([stream.batch(s) for s in range(3)]).flatten()
     assert len(set(epoch0.tolist())) == 9  # 3 full batches, the last partial one dropped

@@ -70,7 +70,7 @@ def test_evaluate_numbers_match_an_independent_computation():
     # clearly apart. Needs no dataset: the classifier ships with the package.
     model = _small_model()
     noise = torch.rand(200, 784, generator=torch.Generator().manual_seed(0)) ** 3
-    test = ImageDataset(torch.cat([model.sample(200, generator=torch.Generator().manual_seed(1)), noise]), (28, 28))
+    test = ImageDataset(torch.cat([model.sample(200, generator=torch.Generator().manual_seed(1)), noise]), (1, 28, 28))
     samples, seed = 300, 5
     result = evaluate_model(model, samples=samples, seed=seed, test=test)
     assert set(result) >= {"reconstruction_mse", "kl", "fid_classifier", "precision", "recall",
@@ -130,7 +130,7 @@ def test_real_data_scores_best():
     # 1000 test images as the reference; "generators" whose samples are 1000 other test images, uniform
     # noise, and an untrained decoder.
     real = load_fashion_mnist("test")
-    test = ImageDataset(real.images[:1000], (28, 28))
+    test = ImageDataset(real.images[:1000], real.image_shape)
 
     def replaying(images):
         encoder, _, discriminator = mlp_networks((1, 28, 28), 4, (8,), (8,), (8,), "leaky_relu", 0.2, -1, "auto")

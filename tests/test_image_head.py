@@ -1,4 +1,4 @@
-"""The training step's image head (vaegan_fast/ops/image_head.py) on every backend against the fp64 reference.
+"""The training step's image head (vaegan_fast/ops/image_head/) on every backend against the fp64 reference.
 
 Forward: images = sigmoid(logits) written into the caller's buffer, and the pixel BCE term of the
 reconstruction rows; backward: the gradients at the decoder's logits and at its reconstruction rows, with the
@@ -10,8 +10,8 @@ import torch
 
 import vaegan_fast.ops as ops
 from numerics import assert_matches
-from vaegan_fast.ops.image_head import (image_head_backward, image_head_backward_reference, image_head_forward,
-                                        image_head_forward_reference)
+from vaegan_fast.ops.image_head import image_head_backward, image_head_forward
+from vaegan_fast.ops.image_head.reference import image_head_backward_reference, image_head_forward_reference
 
 # The Triton backend runs on CPU tensors under its interpreter (tests/conftest.py), on the GPU where there is one.
 BACKENDS = [b for b in ("reference", "native", "triton") if b in ops.available_backends("cpu", "image_head_forward")]

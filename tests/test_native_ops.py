@@ -16,7 +16,8 @@ pytestmark = pytest.mark.skipif("native" not in ops.available_backends("cpu", "r
                                 reason="the native library is not built (pip install --no-build-isolation -e .)")
 
 if "native" in ops.available_backends("cpu", "reparam_kl"):
-    from vaegan_fast.ops import _native
+    from vaegan_fast.ops import _native_lib
+    from vaegan_fast.ops.layer import native as layer_native
 
     NATIVE = torch.ops.vaegan_fast_native
 
@@ -327,7 +328,7 @@ def _opcheck_cases():
     for i, (act, slope) in enumerate(ACTS):
         cases.append(("linear_act", (x.clone().requires_grad_(), w.clone().requires_grad_(),
                                      b.clone().requires_grad_(), ops.ACTIVATIONS.index(act), slope)))
-        keep = _native.keeps_preactivation(ops.ACTIVATIONS.index(act), slope)
+        keep = layer_native.keeps_preactivation(ops.ACTIVATIONS.index(act), slope)
         cases.append(("linear_act_backward", (torch.randn(6, 3), x, w, torch.randn(6, 3), not keep,
                                               ops.ACTIVATIONS.index(act), slope, [True, True, True])))
     cases.append(("linear_act", (x.clone().requires_grad_(), w, None, 1, 0.2)))
@@ -372,7 +373,7 @@ def test_fp16_is_refused_clearly():
 
 def test_missing_library_is_reported_with_the_build_command(tmp_path, monkeypatch):
     with pytest.raises(ImportError, match="not built"):
-        _native.find_library(str(tmp_path))
+        _native_lib.find_library(str(tmp_path))
     reason = "the native CPU library is not built; build it with `pip install --no-build-isolation -e .`"
     monkeypatch.setitem(_dispatch._load_errors, "native", reason)
     monkeypatch.setattr(_dispatch, "_warned_load_errors", set())

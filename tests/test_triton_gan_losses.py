@@ -104,7 +104,7 @@ def test_only_some_inputs_need_grad():
 
 
 def test_no_grad_computes_only_the_loss(monkeypatch):
-    from vaegan_fast.ops import _triton as T
+    from vaegan_fast.ops.gan_losses import triton as T
 
     seen = []
     real_launch, recon_launch = T.K_LOSSES.softplus_losses, T.K_LOSSES.feature_recon
@@ -163,7 +163,7 @@ def test_autocast_runs_in_fp32():
 
 
 def test_opcheck():
-    from vaegan_fast.ops import _triton as T
+    from vaegan_fast.ops.gan_losses import triton as T
 
     x = torch.randn(6, 3, device=DEVICE, requires_grad=True)
     y = torch.randn(5, device=DEVICE, requires_grad=True)

@@ -199,7 +199,7 @@ def test_autocast_runs_in_low_precision():
 
 
 def test_opcheck():
-    from vaegan_fast.ops import _triton as T
+    from vaegan_fast.ops.layer import triton as T
 
     x = torch.randn(9, 6, device=DEVICE, requires_grad=True)
     w = torch.randn(5, 6, device=DEVICE, requires_grad=True)

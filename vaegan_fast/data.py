@@ -33,6 +33,15 @@ class ImageDataset:
     labels: Optional[torch.Tensor] = None  # int64 [N] where the data has them
     name: str = ""
 
+    def __post_init__(self):
+        shape = tuple(self.image_shape)
+        if len(shape) != 3 or not all(isinstance(n, int) and n > 0 for n in shape):
+            raise ValueError(f"image_shape must be (channels, height, width) of positive ints, got {self.image_shape!r}")
+        if self.images.dim() != 2 or self.images.shape[1] != shape[0] * shape[1] * shape[2]:
+            raise ValueError(f"images must be [N, {shape[0] * shape[1] * shape[2]}] rows of {'x'.join(map(str, shape))} "
+                             f"images, got {list(self.images.shape)}")
+        self.image_shape = shape
+
     def __len__(self) -> int:
         return self.images.shape[0]
 

@@ -1,17 +1,33 @@
-"""The fused ops of vaegan_fast, one module each, with a ``backend=`` keyword.
+"""The fused ops of vaegan_fast, one package per op, with a ``backend=`` keyword.
 
-``reference`` is plain PyTorch and is the specification every other backend is tested against;
-``auto`` (the default) picks the best backend that can run on the inputs' device.
+Each op's package holds its public function(s) and math (``__init__.py``), its reference (``reference.py``:
+plain PyTorch, the specification every other backend is tested against) and its implementations on the
+native and Triton backends (``native.py``, ``triton.py``):
+
+    reparam_kl/    reparameterization + KL             kernels/cpu/reparam_kl.cpp, kernels/triton/reparam_kl.py
+    gan_losses/    the GAN and feature losses          kernels/cpu/gan_losses.cpp, kernels/triton/gan_losses.py
+    layer/         linear_act, the conv/dense layer    kernels/cpu/linear_act.cpp, fused_layer.cpp, plan_step.cpp;
+                                                       kernels/triton/linear_act.py
+    image_head/    the training step's image head      kernels/cpu/image_head.cpp, kernels/triton/image_head.py
+
+The backends' libraries load in ``_native_lib.py`` and ``_triton_lib.py``; ``_dispatch.py`` picks the
+backend: ``auto`` (the default) the best one that can run on the inputs' device.
 """
 from ._dispatch import BACKENDS, BackendUnavailableError, available_backends
+from .activations import ACTIVATIONS, apply_activation
 from .gan_losses import discriminator_loss, feature_recon_loss, generator_loss, softplus
-from .linear_act import ACTIVATIONS, apply_activation, linear_act
+from . import image_head  # noqa: F401  (the training step's primitive; no public function)
+from .layer import conv2d_act, conv_transpose2d_act, linear_act
 from .reparam_kl import reparam_kl
 
 # The Triton backend registers itself on import; a machine without a working Triton keeps every other
 # backend, and naming "triton" there raises BackendUnavailableError with this reason.
 try:
-    from . import _triton  # noqa: F401
+    from . import _triton_lib  # noqa: F401
+    from .gan_losses import triton as _gan_losses_triton  # noqa: F401
+    from .image_head import triton as _image_head_triton  # noqa: F401
+    from .layer import triton as _layer_triton  # noqa: F401
+    from .reparam_kl import triton as _reparam_kl_triton  # noqa: F401
 except Exception as _exc:  # pragma: no cover - depends on the machine
     from . import _dispatch as _d
 
@@ -22,7 +38,11 @@ except Exception as _exc:  # pragma: no cover - depends on the machine
 # import; when its library is missing or fails to load, backend="native" raises BackendUnavailableError with
 # this reason and backend="auto" falls back to the reference with one warning.
 try:
-    from . import _native  # noqa: F401
+    from . import _native_lib  # noqa: F401
+    from .gan_losses import native as _gan_losses_native  # noqa: F401
+    from .image_head import native as _image_head_native  # noqa: F401
+    from .layer import native as _layer_native  # noqa: F401
+    from .reparam_kl import native as _reparam_kl_native  # noqa: F401
 except Exception as _exc:  # pragma: no cover - depends on the build
     from . import _dispatch as _d
 
@@ -30,6 +50,7 @@ except Exception as _exc:  # pragma: no cover - depends on the build
     del _d
 
 __all__ = [
-    "ACTIVATIONS", "BACKENDS", "BackendUnavailableError", "apply_activation", "available_backends",
-    "discriminator_loss", "feature_recon_loss", "generator_loss", "linear_act", "reparam_kl", "softplus",
+    "ACTIVATIONS", "BACKENDS", "BackendUnavailableError", "apply_activation", "available_backends", "conv2d_act",
+    "conv_transpose2d_act", "discriminator_loss", "feature_recon_loss", "generator_loss", "linear_act",
+    "reparam_kl", "softplus",
 ]

@@ -9,7 +9,7 @@
     gelu         5     0.5 a (1 + tanh(sqrt(2/pi)(a + 0.044715 a^3)))   a (the tanh approximation)
 
 The code is the index in ACTIVATIONS: the C++ kernels (kernels/cpu/linear_act.cpp, enum Act) and the Triton
-kernels (ACT_CODES in kernels/linear_act.py) use the same numbers, which tests/test_activations.py checks.
+kernels (ACT_CODES in kernels/triton/linear_act.py) use the same numbers, which tests/test_activations.py checks.
 ``saves_preactivation`` says when backward needs the pre-activation a rather than the output y.
 """
 from __future__ import annotations

@@ -1,8 +1,14 @@
 """The fused layer: a product (dense, conv2d or conv_transpose2d) with its bias, an optional batch norm and an
-activation, in one op (math and specification: reference.py; the layer specs: vaegan_fast/nn/spec.py).
+activation, in one op:
+
+    y = act(norm(product(x) + bias))      dense: x @ W^T, x [M, K], W [N, K] (nn.Linear's layout), bias [N];
+                                          conv2d / conv_transpose2d: F.conv2d / F.conv_transpose2d (nn's layouts)
+
+(the norm and the step's primitives in full: reference.py, the specification; the activations:
+vaegan_fast/ops/activations.py; the layer specs: vaegan_fast/nn/spec.py).
 
 Public ops (differentiable):
-    linear_act(x, weight, bias, activation)                       dense, no norm (vaegan_fast/ops/linear_act.py)
+    linear_act(x, weight, bias, activation)                       dense, no norm, x [..., K] (leading dims flattened)
     conv2d_act(x, weight, bias, activation, stride=, padding=, norm=, training=)
     conv_transpose2d_act(x, weight, bias, activation, stride=, padding=, output_padding=, norm=, training=)
     layer_act(spec, x, weight, bias, norm, training)              any spec (the fused layers' forward)
@@ -12,6 +18,11 @@ running averages updated, as nn.BatchNorm does.
 The training step's primitives (no autograd): layer_forward(spec, params, x, groups, training) -> (y, cache)
 and layer_backward(spec, params, cache, dy, r0, r1, groups, entry_pre_norm, need_dx, need_dw) ->
 (dx, dW, db, dgamma, dbeta); each backend registers its pair.
+
+Implementations: reference.py; native.py (kernels/cpu/linear_act.cpp for dense layers without a norm,
+kernels/cpu/fused_layer.cpp for the others, kernels/cpu/plan_step.cpp for a whole step plan); triton.py
+(kernels/triton/linear_act.py for dense layers without a norm, the reference for the others). Tests:
+tests/test_layer.py, tests/test_ops_reference.py, tests/test_native_ops.py, tests/test_triton_linear_act.py.
 """
 from __future__ import annotations
 
@@ -22,25 +33,35 @@ import torch
 from .. import _dispatch, _validate
 from .._autocast import cast_dtype
 from ..activations import check_activation
-from ..linear_act import linear_act
+from . import reference
 from .common import LayerCache, LayerParams, acc_dtype
 from .reference import (layer_act_reference, layer_backward_reference, layer_forward_reference,
-                        norm_act_reference, product_reference)
+                        linear_act_reference, norm_act_reference, product_reference)
 
+LINEAR_ACT_OP = "linear_act"
 ACT_OP, FORWARD_OP, BACKWARD_OP = "layer_act", "layer_forward", "layer_backward"
 
+_dispatch.register(LINEAR_ACT_OP, "reference")(linear_act_reference)
 _dispatch.register(ACT_OP, "reference")(layer_act_reference)
 _dispatch.register(FORWARD_OP, "reference")(layer_forward_reference)
 _dispatch.register(BACKWARD_OP, "reference")(layer_backward_reference)
 
 
-def _check(spec, x, weight, bias, norm) -> torch.device:
+def _floating_inputs(x, weight, bias) -> Optional[torch.device]:
+    """The inputs' device when they agree (uniform_device), else None once each is checked to be a floating
+    tensor (their devices and dtypes are the caller's to check next)."""
     device = _validate.uniform_device(x, weight, bias)
     if device is None:
         _validate.floating_tensor("x", x)
         _validate.floating_tensor("weight", weight)
         if bias is not None:
             _validate.floating_tensor("bias", bias)
+    return device
+
+
+def _check(spec, x, weight, bias, norm) -> torch.device:
+    device = _floating_inputs(x, weight, bias)
+    if device is None:
         device = _validate.same_device(x=x, weight=weight, bias=bias)
         _validate.same_dtype(x=x, weight=weight, bias=bias)
     want = (x.shape[0], *spec.in_shape)
@@ -54,6 +75,41 @@ def _check(spec, x, weight, bias, norm) -> torch.device:
         if norm.weight.device != device:
             raise ValueError(f"norm is on {norm.weight.device} but x is on {device}")
     return device
+
+
+def linear_act(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+               activation: str = "relu", *, negative_slope: float = 0.2, allow_tf32: bool = False,
+               backend: str = "auto") -> torch.Tensor:
+    """``act(x @ weight.T + bias)`` with x [..., in] (leading dims flattened), weight [out, in].
+
+    allow_tf32: let a backend that takes the flag (its implementation has ``accepts_allow_tf32 = True``,
+    e.g. "triton") multiply fp32 inputs with TF32 tensor cores; off by default, so fp32 results match eager
+    fp32 with TF32 off. Other backends follow torch's global TF32 setting.
+    """
+    device = _floating_inputs(x, weight, bias)
+    check_activation(activation, negative_slope)
+    if x.dim() == 0:
+        raise ValueError("x must have at least one dimension [..., in_features], got a 0-dim tensor")
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D [out_features, in_features], got shape {tuple(weight.shape)}")
+    if x.shape[-1] != weight.shape[1]:
+        raise ValueError(f"x has {x.shape[-1]} features in its last dimension but weight expects "
+                         f"{weight.shape[1]} (weight shape {tuple(weight.shape)})")
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise ValueError(f"bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
+    if x.numel() == 0 or weight.numel() == 0:
+        raise ValueError(f"x and weight must not be empty, got shapes {tuple(x.shape)} and {tuple(weight.shape)}")
+    if device is None:
+        device = _validate.same_device(x=x, weight=weight, bias=bias)
+        _validate.same_dtype(x=x, weight=weight, bias=bias)
+    if not isinstance(allow_tf32, bool):
+        raise TypeError(f"allow_tf32 must be a bool, got {type(allow_tf32).__name__}")
+    _, impl = _dispatch.resolve(LINEAR_ACT_OP, backend, device, cast_dtype(x.dtype, device))
+    extra = {"allow_tf32": True} if allow_tf32 and getattr(impl, "accepts_allow_tf32", False) else {}
+    if x.dim() == 2:  # the common case: no reshapes (each costs a dispatch on a small layer)
+        return impl(x, weight, bias, activation, float(negative_slope), **extra)
+    y = impl(x.reshape(-1, x.shape[-1]), weight, bias, activation, float(negative_slope), **extra)
+    return y.reshape(*x.shape[:-1], weight.shape[0])
 
 
 def layer_act(spec, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], norm=None,

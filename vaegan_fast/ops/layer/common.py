@@ -12,6 +12,11 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
+def plain_dense(spec) -> bool:
+    """A dense layer without a norm: the backends run it on their linear_act kernels."""
+    return spec.kind == "dense" and not spec.norm
+
+
 def _as(t, dtype):
     return t if t is None or t.dtype == dtype else t.to(dtype)
 

@@ -1,11 +1,12 @@
-"""The fused layer on the native CPU backend (imported by ops/_native.py once its library has loaded), and the
-native executor of a whole step plan.
+"""The fused layer on the native CPU backend (imported by ops/__init__ once _native_lib has loaded the library),
+and the native executor of a whole step plan.
 
-Dense layers without a norm run the C++ linear_act kernels (kernels/cpu/linear_act.cpp); every other layer
-runs kernels/cpu/fused_layer.cpp: the product through ATen (convolutions channels-last, oneDNN), then bias,
-batch norm and activation in one pass over the output, and in backward the activation's derivative and the
-batch-norm backward in one pass before the input- and weight-gradient products. Flatten turns channels-last
-images into channel-first rows (one copy), Unflatten the reverse (the next conv makes it channels-last).
+Dense layers without a norm run the C++ linear_act kernels (kernels/cpu/linear_act.cpp: the public linear_act
+and the step's dense primitives below); every other layer runs kernels/cpu/fused_layer.cpp: the product
+through ATen (convolutions channels-last, oneDNN), then bias, batch norm and activation in one pass over the
+output, and in backward the activation's derivative and the batch-norm backward in one pass before the input-
+and weight-gradient products. Flatten turns channels-last images into channel-first rows (one copy), Unflatten
+the reverse (the next conv makes it channels-last).
 
 ``plan_step_native`` hands a plan (vaegan_fast/step/plan.py) to kernels/cpu/plan_step.cpp, which makes the
 calls below in the same order as the Python executor would: the same bits, without Python between kernels.
@@ -13,20 +14,69 @@ calls below in the same order as the Python executor would: the same bits, witho
 from __future__ import annotations
 
 import copy
+from typing import Optional
 
 import torch
+from torch import Tensor
 
 from .. import _dispatch
-from .._native import _ops, _untracked, dense_backward_native, dense_forward_native, linear_act_native
+from .._autocast import cast_under_autocast
+from .._native_lib import _call, _check_dtypes, _ops, _untracked
 from ..activations import ACTIVATIONS, CODES, saves_preactivation
-from .common import LayerCache, LayerParams
+from .common import LayerCache, LayerParams, plain_dense
 from .reference import layer_act_reference
 
+# ---------------------------------------------------------------------------------------------------------
+# linear_act: kernels/cpu/linear_act.cpp
+# ---------------------------------------------------------------------------------------------------------
+def keeps_preactivation(activation: int, negative_slope: float) -> bool:
+    """Whether the forward keeps the pre-activation (its derivative cannot be formed from y)."""
+    return saves_preactivation(ACTIVATIONS[activation], negative_slope)
+
+
+@torch.library.register_fake("vaegan_fast_native::linear_act")
+def _(x, weight, bias, activation, negative_slope):
+    shape = (x.shape[0], weight.shape[0])
+    return x.new_empty(shape), x.new_empty(shape if keeps_preactivation(activation, negative_slope) else (0,))
+
+
+@torch.library.register_fake("vaegan_fast_native::linear_act_backward")
+def _(grad_y, x, weight, saved, saved_is_output, activation, negative_slope, output_mask):
+    return (x.new_empty(x.shape if output_mask[0] else (0,)),
+            x.new_empty(weight.shape if output_mask[1] else (0,)),
+            x.new_empty((weight.shape[0],) if output_mask[2] else (0,)))
+
+
+@_dispatch.register("linear_act", "native")
+def linear_act_native(x: Tensor, weight: Tensor, bias: Optional[Tensor], activation: str,
+                      negative_slope: float) -> Tensor:
+    if torch.is_autocast_enabled("cpu"):  # in the autocast dtype, like F.linear
+        x, weight, bias = cast_under_autocast(x, weight, bias)
+    return _call(_ops.linear_act, x, weight, bias, CODES[activation], float(negative_slope))[0]
+
+
+# The dense layer's step primitives (no autograd): forward -> (y, what backward needs)
+def dense_forward_native(x: Tensor, weight: Tensor, bias: Optional[Tensor], activation: str, negative_slope: float):
+    _check_dtypes(x=x, weight=weight, bias=bias)
+    index = CODES[activation]
+    y, pre = _untracked(_ops.linear_act, x, weight, bias, index, float(negative_slope))
+    return y, (pre if keeps_preactivation(index, float(negative_slope)) else y)
+
+
+def dense_backward_native(dy: Tensor, x: Tensor, weight: Tensor, saved: Tensor, has_bias: bool, activation: str,
+                          negative_slope: float, need_dx: bool, need_dw: bool):
+    _check_dtypes(dy=dy, x=x, weight=weight, saved=saved)
+    index = CODES[activation]
+    mask = [bool(need_dx), bool(need_dw), bool(need_dw and has_bias)]
+    dx, dw, db = _untracked(_ops.linear_act_backward, dy, x, weight, saved,
+                            not keeps_preactivation(index, negative_slope), index, float(negative_slope), mask)
+    return (dx if mask[0] else None), (dw if mask[1] else None), (db if mask[2] else None)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Every layer: kernels/cpu/fused_layer.cpp (dense layers without a norm on linear_act's kernels above)
+# ---------------------------------------------------------------------------------------------------------
 KIND_CODES = {"dense": 0, "conv2d": 1, "conv_transpose2d": 2, "flatten": 3, "unflatten": 4}
-
-
-def _plain_dense(spec) -> bool:
-    return spec.kind == "dense" and not spec.norm
 
 
 def _none_if_empty(t):
@@ -40,7 +90,7 @@ def layer_forward_native(spec, p, x, groups: int, training: bool):
         return x.contiguous().view(n, -1), LayerCache(x, None, None, None, None, training)
     if spec.kind == "unflatten":
         return x.contiguous().view(n, *spec.out_shape), LayerCache(x, None, None, None, None, training)
-    if _plain_dense(spec):
+    if plain_dense(spec):
         y, kept = dense_forward_native(x, p.weight, p.bias, spec.activation, spec.negative_slope)
         return y, LayerCache(x, None, kept, None, None, training)
     y, x_used, pre, kept, mean, rstd = _untracked(
@@ -65,7 +115,7 @@ def layer_backward_native(spec, p, cache, dy, r0: int, r1: int, dx_rows: tuple, 
         return dy.narrow(0, d0 - r0, d1 - d0).contiguous().view(d1 - d0, -1), None, None, None, None
     whole = r0 == 0 and r1 == cache.x.shape[0]
     x = cache.x if whole else cache.x.narrow(0, r0, r1 - r0)
-    if _plain_dense(spec):
+    if plain_dense(spec):
         if (d0, d1) != (r0, r1):
             raise ValueError("a dense layer without a norm forms its input gradient on the rows it runs on")
         kept = cache.kept if whole else cache.kept.narrow(0, r0, r1 - r0)
@@ -89,7 +139,7 @@ def layer_backward_native(spec, p, cache, dy, r0: int, r1: int, dx_rows: tuple, 
 
 @_dispatch.register("layer_act", "native")
 def layer_act_native(spec, x, weight, bias, norm, training: bool):
-    if _plain_dense(spec):
+    if plain_dense(spec):
         return linear_act_native(x, weight, bias, spec.activation, spec.negative_slope)
     return FusedLayerFunction.apply(spec, norm, training, x, weight, bias,
                                     *((norm.weight, norm.bias) if norm is not None else (None, None)))

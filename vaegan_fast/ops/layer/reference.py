@@ -8,12 +8,17 @@
                                    one update per group, in row order; eval mode uses them instead
     y = act(h)                     vaegan_fast.ops.activations
 
+``linear_act_reference`` is the dense layer without a norm as the public ``linear_act`` specifies it:
+act(F.linear(x, W, b)).
+
 ``layer_act_reference`` is the differentiable form (autograd through torch's own ops, batch norm through
 F.batch_norm); ``layer_forward_reference`` / ``layer_backward_reference`` are the training step's primitives
 (no autograd, every gradient formed explicitly, batch norm over ``groups`` row groups), and the tests hold
 them to the differentiable form. Low precision: the norm and its statistics compute in fp32, rounded once.
 """
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +34,12 @@ def product_reference(spec, x, weight, bias):
     if spec.kind == "conv2d":
         return F.conv2d(x, weight, bias, spec.stride, spec.padding)
     return F.conv_transpose2d(x, weight, bias, spec.stride, spec.padding, spec.output_padding)
+
+
+def linear_act_reference(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], activation: str,
+                         negative_slope: float) -> torch.Tensor:
+    """The specification of linear_act: x [M, K] -> act(x @ weight.T + bias) [M, N], plain PyTorch."""
+    return apply_activation(F.linear(x, weight, bias), activation, negative_slope)
 
 
 def layer_act_reference(spec, x, weight, bias, norm, training: bool):

@@ -1,8 +1,9 @@
-"""Triton kernels of vaegan_fast and their launchers (installed as ``vaegan_fast.kernels``).
+"""Triton kernels of vaegan_fast and their launchers (kernels/triton/, installed as ``vaegan_fast.kernels``).
 
 Device code only: tensors in, tensors out. No autograd and no nn.Module here; the autograd / custom-op
-registration lives in ``vaegan_fast/ops/_triton.py``. One file per fused op, each opening with its math, the
-bytes it moves and the eager launches it replaces:
+registration of each op lives in ``vaegan_fast/ops/<op>/triton.py`` (linear_act's in ``ops/layer/triton.py``),
+which imports these modules through ``vaegan_fast/ops/_triton_lib.py``. One file per fused op, each opening
+with its math, the bytes it moves and the eager launches it replaces:
 
     reparam_kl.py   z = mu + exp(logvar/2) * eps and the per-row KL, forward and backward
     gan_losses.py   softplus GAN losses and the feature reconstruction loss, gradient computed in forward

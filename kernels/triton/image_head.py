@@ -12,7 +12,7 @@ Math (rows [prior; reconstruction], R = 2B rows of P pixels, s = sigmoid(l), e =
 
 g is the generator loss's gradient at the discriminator's input (rows prior, and reconstruction when they are
 fakes), u the feature-reconstruction gradient there (reconstruction rows). The specification is
-vaegan_fast/ops/image_head.py's reference.
+vaegan_fast/ops/image_head/reference.py.
 
 Each forward program reduces its block of the pixel term to one partial sum (fp32, fp64 for fp64 inputs) in
 its own slot; the term is the sum of the partials in a fixed order (deterministic, no atomics). S is read on

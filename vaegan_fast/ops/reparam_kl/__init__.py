@@ -5,6 +5,10 @@
 
 The formula is applied exactly as written: clamping logvar to a safe range is the encoder's job
 (vaegan_fast.nn.MLPEncoder clamps it to [-30, 20]).
+
+Implementations: reference.py (plain PyTorch, the specification), native.py (kernels/cpu/reparam_kl.cpp),
+triton.py (kernels/triton/reparam_kl.py). Tests: tests/test_ops_reference.py, tests/test_native_ops.py,
+tests/test_triton_reparam_kl.py.
 """
 from __future__ import annotations
 
@@ -12,18 +16,14 @@ from typing import Optional
 
 import torch
 
-from . import _dispatch, _validate
-from ._autocast import upcast_dtype
+from .. import _dispatch, _validate
+from .._autocast import upcast_dtype
+from . import reference
+from .reference import reparam_kl_backward_reference, reparam_kl_forward_reference, reparam_kl_reference
 
 OP = "reparam_kl"
 
-
-@_dispatch.register(OP, "reference")
-def reparam_kl_reference(mu: torch.Tensor, logvar: torch.Tensor, eps: torch.Tensor):
-    """The specification: plain PyTorch in the inputs' dtype, differentiable by autograd."""
-    z = mu + torch.exp(logvar * 0.5) * eps
-    kl = 0.5 * (mu * mu + torch.exp(logvar) - logvar - 1.0).sum(dim=1)
-    return z, kl
+_dispatch.register(OP, "reference")(reparam_kl_reference)
 
 
 def reparam_kl(mu: torch.Tensor, logvar: torch.Tensor, eps: Optional[torch.Tensor] = None, *,
@@ -69,24 +69,13 @@ def reparam_kl(mu: torch.Tensor, logvar: torch.Tensor, eps: Optional[torch.Tenso
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Primitives of the explicit training step (vaegan_fast/step.py): forward, and backward from given upstream
-# gradients, no autograd. Each backend registers its fused kernels for them.
-#   d mu = dz + dkl * mu        d logvar = 0.5 dz exp(logvar / 2) eps + 0.5 dkl (exp(logvar) - 1)
+# Primitives of the explicit training step (vaegan_fast/step/): forward, and backward from given upstream
+# gradients, no autograd (the formulas: reference.py). Each backend registers its fused kernels for them.
 # ---------------------------------------------------------------------------------------------------------
 FORWARD_OP, BACKWARD_OP = "reparam_kl_forward", "reparam_kl_backward"
 
-
-@_dispatch.register(FORWARD_OP, "reference")
-def reparam_kl_forward_reference(mu, logvar, eps):
-    return reparam_kl_reference(mu, logvar, eps)
-
-
-@_dispatch.register(BACKWARD_OP, "reference")
-def reparam_kl_backward_reference(mu, logvar, eps, grad_z, grad_kl):
-    std = torch.exp(0.5 * logvar)
-    grad_mu = grad_z + grad_kl[:, None] * mu
-    grad_logvar = 0.5 * grad_z * std * eps + 0.5 * grad_kl[:, None] * (std * std - 1.0)
-    return grad_mu, grad_logvar
+_dispatch.register(FORWARD_OP, "reference")(reparam_kl_forward_reference)
+_dispatch.register(BACKWARD_OP, "reference")(reparam_kl_backward_reference)
 
 
 def reparam_kl_forward(mu, logvar, eps, backend: str):
@@ -97,3 +86,4 @@ def reparam_kl_forward(mu, logvar, eps, backend: str):
 def reparam_kl_backward(mu, logvar, eps, grad_z, grad_kl, backend: str):
     _, impl = _dispatch.resolve(BACKWARD_OP, backend, mu.device, mu.dtype)
     return impl(mu, logvar, eps, grad_z, grad_kl)
+

@@ -9,43 +9,28 @@ With the stable softplus(t) = max(t, 0) + log(1 + exp(-|t|)):
 
 Each mean is over all elements of its own tensor, so logits of any shape ([N] or [N, 1]) and of different
 sizes can be combined. A feature tensor is [N, ...]: everything after the batch dimension is a feature.
+
+Implementations: reference.py (plain PyTorch, the specification), native.py (kernels/cpu/gan_losses.cpp),
+triton.py (kernels/triton/gan_losses.py). Tests: tests/test_ops_reference.py, tests/test_native_ops.py,
+tests/test_triton_gan_losses.py.
 """
 from __future__ import annotations
 
 import torch
 
-from . import _dispatch, _validate
-from ._autocast import upcast_dtype
+from .. import _dispatch, _validate
+from .._autocast import upcast_dtype
+from . import reference
+from .reference import (discriminator_loss_reference, feature_recon_loss_reference, feature_recon_terms_reference,
+                        generator_loss_reference, softplus, softplus_terms_reference)
 
 DISCRIMINATOR_OP = "discriminator_loss"
 GENERATOR_OP = "generator_loss"
 FEATURE_RECON_OP = "feature_recon_loss"
 
-
-def softplus(t: torch.Tensor) -> torch.Tensor:
-    """log(1 + exp(t)) without overflow at large |t|."""
-    return torch.clamp_min(t, 0) + torch.log1p(torch.exp(-t.abs()))
-
-
-@_dispatch.register(DISCRIMINATOR_OP, "reference")
-def discriminator_loss_reference(real_logits: torch.Tensor, fake_logits: tuple) -> torch.Tensor:
-    loss = softplus(-real_logits).mean()
-    for fake in fake_logits:
-        loss = loss + softplus(fake).mean()
-    return loss
-
-
-@_dispatch.register(GENERATOR_OP, "reference")
-def generator_loss_reference(fake_logits: tuple, saturating: bool) -> torch.Tensor:
-    if saturating:
-        return -sum(softplus(fake).mean() for fake in fake_logits)
-    return sum(softplus(-fake).mean() for fake in fake_logits)
-
-
-@_dispatch.register(FEATURE_RECON_OP, "reference")
-def feature_recon_loss_reference(features_real: torch.Tensor, features_fake: torch.Tensor) -> torch.Tensor:
-    diff = (features_real - features_fake).reshape(features_real.shape[0], -1)
-    return 0.5 * (diff * diff).sum(dim=1).mean()
+_dispatch.register(DISCRIMINATOR_OP, "reference")(discriminator_loss_reference)
+_dispatch.register(GENERATOR_OP, "reference")(generator_loss_reference)
+_dispatch.register(FEATURE_RECON_OP, "reference")(feature_recon_loss_reference)
 
 
 def _check_logits(names_and_tensors) -> torch.device:
@@ -100,26 +85,34 @@ def feature_recon_loss(features_real: torch.Tensor, features_fake: torch.Tensor,
     return impl(features_real, features_fake)
 
 
+def discriminator_terms(real_logits: torch.Tensor, fake_logits: tuple):
+    """discriminator_loss as sum_k c_k mean softplus(s_k x_k): (xs, signs, coeffs), the fused kernels' form."""
+    n = len(fake_logits)
+    return [real_logits, *fake_logits], [-1.0] + [1.0] * n, [1.0] * (n + 1)
+
+
+def generator_terms(fake_logits: tuple, saturating: bool):
+    """generator_loss as sum_k c_k mean softplus(s_k x_k): (xs, signs, coeffs), the fused kernels' form."""
+    n = len(fake_logits)
+    if saturating:
+        return list(fake_logits), [1.0] * n, [-1.0] * n
+    return list(fake_logits), [-1.0] * n, [1.0] * n
+
+
+def _need_grad(*tensors) -> bool:
+    """Whether autograd will ask for the inputs' gradients (the native and Triton kernels then form them with
+    the loss, in forward)."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
 # ---------------------------------------------------------------------------------------------------------
-# Loss primitives of the explicit training step (vaegan_fast/step.py): the value and the gradient with
+# Loss primitives of the explicit training step (vaegan_fast/step/): the value and the gradient with
 # respect to the inputs in one call, no autograd. Each backend registers its fused kernel for them.
 # ---------------------------------------------------------------------------------------------------------
 SOFTPLUS_TERMS_OP, FEATURE_RECON_TERMS_OP = "softplus_terms", "feature_recon_terms"
 
-
-@_dispatch.register(SOFTPLUS_TERMS_OP, "reference")
-def softplus_terms_reference(xs: list, signs: list, coeffs: list):
-    """(sum_k c_k mean softplus(s_k x_k), [c_k s_k sigmoid(s_k x_k) / numel(x_k)])."""
-    loss = sum(c * softplus(s * x).mean() for x, s, c in zip(xs, signs, coeffs))
-    grads = [(c * s / x.numel()) * torch.sigmoid(s * x) for x, s, c in zip(xs, signs, coeffs)]
-    return loss, grads
-
-
-@_dispatch.register(FEATURE_RECON_TERMS_OP, "reference")
-def feature_recon_terms_reference(features_real: torch.Tensor, features_fake: torch.Tensor):
-    """(feature_recon_loss, its gradient with respect to features_real, (real - fake) / N)."""
-    diff = features_real - features_fake
-    return feature_recon_loss_reference(features_real, features_fake), diff / features_real.shape[0]
+_dispatch.register(SOFTPLUS_TERMS_OP, "reference")(softplus_terms_reference)
+_dispatch.register(FEATURE_RECON_TERMS_OP, "reference")(feature_recon_terms_reference)
 
 
 def softplus_terms(xs: list, signs: list, coeffs: list, backend: str):

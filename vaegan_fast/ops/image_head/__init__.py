@@ -14,57 +14,24 @@ last B of them reconstructions of x; s = sigmoid(logits):
 g is the generator loss's gradient at the discriminator's input: rows [prior] or [prior; rec]; u the
 feature-reconstruction gradient there: rows [rec] or [prior; rec] (with a batch norm in the discriminator,
 every row's features depend on every row). ``scale`` is fp16's loss scale (a 0-dim tensor) or None. The
-reference below is the specification; the native CPU backend (kernels/cpu/image_head.cpp) and the Triton
-backend (kernels/image_head.py) do each in one pass.
+reference (reference.py) is the specification; the native CPU backend (native.py: kernels/cpu/image_head.cpp)
+and the Triton backend (triton.py: kernels/triton/image_head.py) do each in one pass. Tests:
+tests/test_image_head.py.
 """
 from __future__ import annotations
 
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
-from . import _dispatch
+from .. import _dispatch
+from . import reference
+from .reference import image_head_backward_reference, image_head_forward_reference, loss_dtype_of
 
 FORWARD_OP, BACKWARD_OP = "image_head_forward", "image_head_backward"
 
-
-def loss_dtype_of(dtype: torch.dtype) -> torch.dtype:
-    """The dtype the pixel term is summed in: fp32 for fp16 (whose range a sum of B P terms exceeds)."""
-    return torch.float32 if dtype == torch.float16 else dtype
-
-
-@_dispatch.register(FORWARD_OP, "reference")
-def image_head_forward_reference(logits: torch.Tensor, x: torch.Tensor, images: torch.Tensor, with_pixel: bool):
-    batch = x.shape[0]
-    images.copy_(torch.sigmoid(logits))
-    if not with_pixel:
-        return None
-    dtype = loss_dtype_of(x.dtype)
-    return F.binary_cross_entropy_with_logits(logits[-batch:].to(dtype), x.to(dtype), reduction="sum") / batch
-
-
-@_dispatch.register(BACKWARD_OP, "reference")
-def image_head_backward_reference(images, x, g, u, gamma: float, pixel_factor: float, g_has_rec: bool,
-                                  u_has_prior: bool, scale: Optional[torch.Tensor]):
-    batch = x.shape[0]
-    slope = torch.rsub(images, 1.0).mul_(images)  # sigmoid' = s (1 - s)
-    dec_up = torch.zeros_like(images)
-    dec_up[:g.shape[0]] = g
-    u_rec = u[-batch:]
-    if u_has_prior:
-        dec_up.add_(u, alpha=gamma)
-    else:
-        dec_up[batch:].add_(u_rec, alpha=gamma)
-    dec_up.mul_(slope)
-    enc_up = u_rec * slope[batch:]
-    if pixel_factor != 0:
-        # One factor: pixel_factor alone would leave fp16 subnormals before the scale lifts them.
-        factor = pixel_factor if scale is None else scale * pixel_factor
-        d_pixel = torch.sub(images[batch:], x).mul_(factor)
-        dec_up[batch:].add_(d_pixel)
-        enc_up.add_(d_pixel)
-    return dec_up, enc_up
+_dispatch.register(FORWARD_OP, "reference")(image_head_forward_reference)
+_dispatch.register(BACKWARD_OP, "reference")(image_head_backward_reference)
 
 
 def image_head_forward(logits, x, images, with_pixel: bool, backend: str = "auto"):
