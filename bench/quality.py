@@ -6,11 +6,11 @@
 
 All three are vaegan_fast.Model with one preset's networks (default "seed"), trained on the Fashion-MNIST
 train split with the same batch size (the preset's), step budget, optimizer (Adam, lr 2e-4, betas
-(0.5, 0.999)) and seeds; only `mode` and the loss options differ:
+(0.5, 0.999)), the preset's default options and seeds; only `mode` differs:
 - vae:    mode="vae": KL + pixel-wise BCE likelihood (pixel_weight 1); no discriminator;
 - gan:    mode="gan": non-saturating GAN on prior samples; no encoder;
-- vaegan: the library's defaults: feature-space reconstruction (gamma 1) + pixel term (pixel_weight 1),
-          reconstructions count as fakes, no gating.
+- vaegan: feature-space reconstruction (the preset's gamma) + pixel term (pixel_weight 1), reconstructions
+          count as fakes, the preset's gating (seed: gamma 1, no gating; conv: see vaegan_fast.PRESETS).
 Each model is evaluated on the test split (vaegan_fast.evaluate): reconstruction MSE, mean KL, FID in the
 features of the project's Fashion-MNIST classifier, precision and recall. Writes a markdown table, JSON and
 one PNG with the three models' samples side by side under bench/results/.

@@ -254,6 +254,15 @@ def test_presets_have_the_documented_sizes():
         Model.preset("huge")
 
 
+def test_a_presets_gating_applies_to_the_modes_with_a_discriminator():
+    conv = Model.preset("conv")
+    assert (conv.config["gamma"], conv.config["gating"]) == (0.01, True)  # its tuned VAE-GAN defaults
+    assert Model.preset("conv", mode="gan").config["gating"] is True
+    assert Model.preset("conv", mode="vae").config["gating"] is False  # the VAE has nothing to gate
+    with pytest.raises(ValueError, match="gating"):
+        Model.preset("conv", mode="vae", gating=True)  # asked for explicitly: refused, as for Model(...)
+
+
 def test_public_helpers_shapes_and_ranges():
     model = small_model()
     x = batch()

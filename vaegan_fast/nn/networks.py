@@ -164,7 +164,7 @@ def _divisible(name: str, image_shape, by: int) -> None:
         raise ValueError(f"the {name} architecture needs image sides divisible by {by}, got {h}x{w}")
 
 
-def conv_networks(image_shape, latent_dim, feature_layer, backend) -> tuple:
+def conv_networks(image_shape, latent_dim, feature_layer, feature_point, backend) -> tuple:
     """The conv preset (Fashion-MNIST 28x28x1; any C x H x W with sides divisible by 4), LeakyReLU(0.2)."""
     _divisible("conv", image_shape, 4)
     c, h, w = image_shape
@@ -180,7 +180,7 @@ def conv_networks(image_shape, latent_dim, feature_layer, backend) -> tuple:
     discriminator = Discriminator([FusedConv2d(c, 32, 4, 2, 1, **lrelu),
                                    FusedConv2d(32, 64, 4, 2, 1, bias=False, norm="batch", **lrelu),
                                    Flatten((64, h // 4, w // 4)), FusedLinear(flat, 256, **lrelu),
-                                   FusedLinear(256, 1, backend=backend)], image_shape, feature_layer)
+                                   FusedLinear(256, 1, backend=backend)], image_shape, feature_layer, feature_point)
     return encoder, decoder, discriminator
 
 
