@@ -38,6 +38,9 @@ def parse_args(argv=None):
     size.add_argument("--quick", action="store_true", help="small sizes, short timings (the default on a CPU)")
     size.add_argument("--full", action="store_true", help="all sizes and dtypes (the default on a GPU)")
     p.add_argument("--ops", default="all", help="comma list of ops, 'all', or 'none' (e.g. linear_act,reparam_kl)")
+    p.add_argument("--sizes", default="all",
+                   help="kernel sizes: 'all', 'large' (only those --full adds to the presets' own) or a comma list "
+                        "of the size column's labels (e.g. 8192x1024->1024)")
     p.add_argument("--presets", default="seed,wide", help="comma list of Model presets, or 'none'")
     p.add_argument("--dtypes", default=None, help="comma list of fp32,bf16,fp16 (default: fp32 quick; all full)")
     p.add_argument("--json", default=None, help="where to write the JSON (default bench/results/<device>-<time>.json)")
@@ -51,13 +54,18 @@ def _ratio(base, value):
     return base / value if base and value else None
 
 
-def bench_kernels(args, device, gpu, full, budget, dtypes, peaks):
+def bench_kernels(args, device, gpu, full, budget, dtypes, peaks, rows=None):
+    """Rows of the kernel table, appended to ``rows`` as they are measured (kept if interrupted)."""
     wanted = None if args.ops == "all" else set(args.ops.split(","))
+    rows = [] if rows is None else rows
     if wanted == {"none"}:
-        return []
-    rows = []
+        return rows
+    small = {(c.op, c.label) for c in kernels.cases(False, gpu)}
+    sizes = None if args.sizes in ("all", "large") else set(args.sizes.split(","))
     for case in kernels.cases(full, gpu):
         if wanted is not None and case.op not in wanted:
+            continue
+        if args.sizes == "large" and (case.op, case.label) in small or sizes and case.label not in sizes:
             continue
         for dtype_name in dtypes:
             dtype = DTYPES[dtype_name]
@@ -107,12 +115,12 @@ def bench_kernels(args, device, gpu, full, budget, dtypes, peaks):
     return rows
 
 
-def bench_e2e(args, device, gpu, budget, dtypes):
+def bench_e2e(args, device, gpu, budget, dtypes, rows=None):
     names = [] if args.presets == "none" else args.presets.split(",")
     for n in names:
         if n not in PRESETS:
             raise SystemExit(f"--presets: unknown preset {n!r}; choose from {PRESETS}")
-    rows = []
+    rows = [] if rows is None else rows
     for preset, batch in e2e.presets_for(names, gpu):
         model = e2e.make_model(preset, device)
         batches, source = e2e.load_batches(batch, 8, device, model.input_shape)
@@ -237,6 +245,7 @@ def markdown(result) -> str:
     lines = [f"# vaegan_fast benchmark: {env['device']}", "",
              f"torch {env['torch']}, triton {env['triton']}, {env['threads']} threads, commit "
              f"{env['git_commit']}{' (dirty)' if env['git_dirty'] else ''}, {result['started']}", "",
+             f"{telemetry.native_summary(env)}", "",
              f"Command: `{' '.join(result['command'])}`", ""]
 
     def table(header, rows):
@@ -304,17 +313,24 @@ def main(argv=None):
     env = telemetry.environment(device)
     print(f"device: {env['device']} | torch {env['torch']} | triton {env['triton']} | "
           f"{'full' if full else 'quick'} | backends here: {ops.available_backends(device)}")
+    print(telemetry.native_summary(env))
     before = telemetry.nvml_snapshot()
     if not before["available"]:
         print(f"telemetry: {before['reason']}; going on without it")
     t0 = time.perf_counter()
-    kernel_rows = bench_kernels(args, device, gpu, full, budget, dtypes, env["peaks"])
-    e2e_rows = bench_e2e(args, device, gpu, budget, dtypes)
+    kernel_rows, e2e_rows, interrupted = [], [], False
+    try:
+        bench_kernels(args, device, gpu, full, budget, dtypes, env["peaks"], kernel_rows)
+        bench_e2e(args, device, gpu, budget, dtypes, e2e_rows)
+    except KeyboardInterrupt:  # Ctrl-C or a time limit (bench/gpu_check.sh): keep what was measured
+        interrupted = True
+        print("interrupted: writing the rows measured so far", flush=True)
     result = {"command": [sys.executable, *sys.argv], "started": started.isoformat(), "environment": env,
-              "settings": {"full": full, "budget_s": budget, "dtypes": dtypes, "ops": args.ops,
+              "settings": {"full": full, "budget_s": budget, "dtypes": dtypes, "ops": args.ops, "sizes": args.sizes,
                            "presets": args.presets, "compile": not args.no_compile},
               "telemetry_before": before, "telemetry_after": telemetry.nvml_snapshot(),
-              "duration_s": time.perf_counter() - t0, "kernels": kernel_rows, "e2e": e2e_rows}
+              "duration_s": time.perf_counter() - t0, "kernels": kernel_rows, "e2e": e2e_rows,
+              "interrupted": interrupted}
     slug = re.sub(r"[^A-Za-z0-9]+", "-", env["device"]).strip("-")[:48]
     stem = RESULTS / f"{slug}-{started.strftime('%Y%m%d-%H%M%S')}"
     json_path = Path(args.json) if args.json else stem.with_suffix(".json")
@@ -327,7 +343,7 @@ def main(argv=None):
         written += plot(result, json_path.with_suffix(""))
     print(f"took {result['duration_s']:.0f} s; wrote {', '.join(written)}")
     wrong = [r for r in kernel_rows + e2e_rows if r["status"] not in ("ok", "bound")]
-    return 1 if wrong else 0
+    return 130 if interrupted else 1 if wrong else 0
 
 
 if __name__ == "__main__":

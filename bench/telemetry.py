@@ -92,6 +92,37 @@ def _text(value) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
+def cpu_features() -> dict:
+    """The CPU's bf16-relevant flags as /proc/cpuinfo lists them, and torch's CPU capability."""
+    flags = set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((set(line.split(":", 1)[1].split()) for line in f if line.startswith("flags")), set())
+    except OSError:
+        pass
+    return {"capability": torch.backends.cpu.get_cpu_capability(), "avx512_bf16": "avx512_bf16" in flags,
+            "amx": "amx_tile" in flags, "avx512f": "avx512f" in flags, "avx2": "avx2" in flags}
+
+
+def native_backend() -> dict:
+    """vaegan_fast.backend_info(): the native library's ISA and bf16 product path, with their reasons."""
+    try:
+        import vaegan_fast
+        return vaegan_fast.backend_info()
+    except Exception as exc:  # pragma: no cover
+        return {"error": f"{type(exc).__name__}: {exc}"}
+
+
+def native_summary(env: dict) -> str:
+    """One line for a results header: ISA loaded and bf16 product path (why), and the CPU's bf16 flags."""
+    n, c = env.get("native") or {}, env.get("cpu") or {}
+    flags = f"avx512_bf16 {'yes' if c.get('avx512_bf16') else 'no'}, amx {'yes' if c.get('amx') else 'no'}"
+    if not n.get("isa"):
+        return f"native backend: not loaded ({n.get('native_error') or n.get('error')}); {flags}"
+    return (f"native ISA {n['isa']} ({n['isa_reason']}); bf16 products {n['bf16_products']} ({n['bf16_reason']}); "
+            f"CPU {flags}")
+
+
 def environment(device: torch.device) -> dict:
     try:
         import triton
@@ -106,6 +137,7 @@ def environment(device: torch.device) -> dict:
     except OSError:
         commit, dirty = None, None
     name = device_name(device)
-    return {"device": name, "device_type": device.type, "torch": torch.__version__, "triton": triton_version,
+    return {"device": name, "cpu": cpu_features(), "native": native_backend(),
+            "device_type": device.type, "torch": torch.__version__, "triton": triton_version,
             "python": platform.python_version(), "threads": torch.get_num_threads(), "git_commit": commit,
             "git_dirty": dirty, "peaks": peaks(name), "copy_bandwidth_gbs": measured_copy_bandwidth_gbs(device)}

@@ -4,6 +4,7 @@ TRITON_INTERPRET is read when ``@triton.jit`` runs, so it is set here, before an
 the kernels. On a machine with CUDA the same tests run on the device unchanged.
 """
 import os
+import re
 import zlib
 
 import torch
@@ -25,4 +26,41 @@ def device():
 def _fresh_seed(request):
     # A different but reproducible seed per test: inputs are fresh random numbers, never a fixed pattern
     # shared by every test, and a failure replays exactly.
-    torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
+    # The bf16 product path (the bf16_products fixture below) is left out of the seed: both paths see the inputs
+    # the test had before it ran on two paths.
+    nodeid = re.sub(r"products-(fp32|bf16)-?|-?products-(fp32|bf16)(?=\])", "", request.node.nodeid)
+    torch.manual_seed(zlib.crc32(nodeid.replace("[]", "").encode()))
+
+
+# The native backend's two bf16 product paths (vaegan_fast/ops/_native_lib.py): "fp32" upcasts the operands of
+# every bf16 product, "bf16" forms it on the bf16 operands (oneDNN, fp32 accumulation). The CPU picks one at
+# import; a test that takes this fixture runs on both, whatever the CPU (on one without bf16 units the "bf16"
+# path is only slower). Parametrised tests whose dtype (or backend) does not involve the native bf16 products
+# are deselected for the second path rather than run twice.
+BF16_PATHS = ("fp32", "bf16")
+
+
+@pytest.fixture(params=BF16_PATHS, ids=[f"products-{p}" for p in BF16_PATHS])
+def bf16_products(request):
+    try:
+        from vaegan_fast.ops import _native_lib
+    except ImportError:  # no native backend: nothing to switch
+        yield request.param
+        return
+    with _native_lib.bf16_products(request.param):
+        yield request.param
+
+
+def pytest_collection_modifyitems(config, items):
+    keep, drop = [], []
+    for item in items:
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        second_path = params.get("bf16_products") == BF16_PATHS[1]
+        dtype = params.get("dtype")
+        if second_path and ((dtype is not None and dtype != torch.bfloat16) or params.get("backend") == "reference"):
+            drop.append(item)
+        else:
+            keep.append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep

@@ -99,14 +99,14 @@ def compare(case, norm, backend, dtype, training=True, activation="leaky_relu", 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("norm", [None, "batch"], ids=["plain", "batchnorm"])
 @pytest.mark.parametrize("case", LAYERS, ids=layer_id)
-def test_layers_match_fp64(backend, dtype, norm, case):
+def test_layers_match_fp64(backend, dtype, norm, case, bf16_products):
     compare(case, norm, backend, dtype)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("activation,slope", ACTS, ids=[f"{a}{s}" for a, s in ACTS])
 @pytest.mark.parametrize("norm", [None, "batch"], ids=["plain", "batchnorm"])
-def test_every_activation(backend, activation, slope, norm):
+def test_every_activation(backend, activation, slope, norm, bf16_products):
     for case in (LAYERS[4], LAYERS[5], LAYERS[14]):
         compare(case, norm, backend, torch.float32, activation=activation, slope=slope)
     compare(LAYERS[4], norm, backend, torch.bfloat16, activation=activation, slope=slope)
@@ -114,7 +114,7 @@ def test_every_activation(backend, activation, slope, norm):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("case", [LAYERS[0], LAYERS[5], LAYERS[8], LAYERS[14]], ids=layer_id)
-def test_eval_mode_uses_the_running_averages(backend, case):
+def test_eval_mode_uses_the_running_averages(backend, case, bf16_products):
     compare(case, "batch", backend, torch.float32, training=False)
     compare(case, "batch", backend, torch.bfloat16, training=False)
 

@@ -171,7 +171,7 @@ def _linear_inputs(M, K, N, dtype, bias=True):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("act", ACTS, ids=act_id)
 @pytest.mark.parametrize("mkn", LINEAR_SHAPES, ids=shape_id)
-def test_linear_act(mkn, act, dtype):
+def test_linear_act(mkn, act, dtype, bf16_products):
     if mkn[0] * mkn[1] > 10_000 and act[0] not in ("relu", "gelu", "leaky_relu"):
         pytest.skip("large shapes: relu, leaky_relu and gelu only (keeps the suite fast)")
     x, w, b = _linear_inputs(*mkn, dtype)
@@ -197,7 +197,7 @@ def test_linear_act_only_weight_needs_grad():
 
 # ------------------------------------------------------------------------------------------------ strided
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_strided_inputs(dtype):
+def test_strided_inputs(dtype, bf16_products):
     shape = (53, 29)
     check(reparam, [strided(shape, dtype, "transpose"), strided(shape, dtype, "slice"),
                      strided(shape, dtype, "transpose")], ["mu", "logvar", "eps"])
@@ -279,7 +279,7 @@ def test_results_do_not_depend_on_thread_count(threads):
 
 
 # ------------------------------------------------------------------------------------------------ autocast
-def test_autocast_runs_linear_act_in_low_precision_and_the_rest_in_fp32():
+def test_autocast_runs_linear_act_in_low_precision_and_the_rest_in_fp32(bf16_products):
     """Under CPU autocast (bf16): linear_act casts its inputs to bf16 and returns bf16, as F.linear does; the
     losses and reparam+KL upcast bf16 inputs and return fp32. Gradients come back in each input's dtype."""
     x, w, b = _linear_inputs(24, 16, 8, torch.float32)

@@ -155,7 +155,8 @@ def both_executors(model, x, dtype):
 @pytest.mark.parametrize("mode", ["vaegan", "vae", "gan"])
 @pytest.mark.parametrize("options", [dict(), dict(gamma=0.3, pixel_weight=0.7, recon_as_fake=False, saturating=True)],
                          ids=["defaults", "options"])
-def test_the_cpp_executor_equals_the_python_one_bit_for_bit(dtype, arch, mode, options, monkeypatch):
+def test_the_cpp_executor_equals_the_python_one_bit_for_bit(dtype, arch, mode, options, monkeypatch,
+                                                           bf16_products):
     calls = []
     real = _dispatch.implementation("plan_step", "native")
     monkeypatch.setitem(_dispatch._impls, ("plan_step", "native"), lambda *a: calls.append(1) or real(*a))

@@ -23,7 +23,7 @@ def fixed_noise(model, eps, z_prior):
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
-def test_bf16_gradients_are_within_twice_eager_bf16_error(backend):
+def test_bf16_gradients_are_within_twice_eager_bf16_error(backend, bf16_products):
     model = Model(**SIZES, backend=backend, precision="bf16")
     x, eps, z_prior = torch.rand(16, 33), torch.randn(16, 5), torch.randn(16, 5)
     truth_model = copy.deepcopy(model).double()

@@ -225,6 +225,18 @@ auto call_below_autograd(const c10::TypedOperatorHandle<Fn>& op, Args&&... args)
   return op.call(std::forward<Args>(args)...);
 }
 
+// ---- the bf16 product path ---------------------------------------------------------------------------
+// True: a bf16 op forms its products (at::mm / at::addmm / at::convolution) on its bf16 operands (oneDNN's
+// bf16 kernels, fp32 accumulation, the output rounded to bf16 once); false: the operands are upcast and the
+// product runs in fp32. Set from Python once at load time (vaegan_fast/ops/_native_lib.py: bf16 units on
+// the CPU, or VAEGAN_FAST_BF16_PRODUCTS); defined in library.cpp.
+bool bf16_products();
+
+// The dtype a product of operands in `dtype` runs in.
+inline at::ScalarType product_dtype(at::ScalarType dtype) {
+  return dtype == at::kBFloat16 && !bf16_products() ? at::kFloat : dtype;
+}
+
 // ---- dtype rules -------------------------------------------------------------------------------------
 inline void check_dtype(const at::Tensor& t, const char* op, const char* name) {
   auto dt = t.scalar_type();

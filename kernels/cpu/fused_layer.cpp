@@ -21,8 +21,10 @@
 // (7 n e). Eager PyTorch: batch_norm (3 reads, 1 write), the activation (1 read, 1 write), and in backward the
 // activation's derivative (2 reads, 1 write) then batch_norm_backward (3 reads of dh and a, 1 write).
 //
-// bf16: the products run in fp32 on upcast operands (see linear_act.cpp) and a is rounded to bf16 once; the
-// norm and its statistics compute in fp32. Sums: fixed tasks of rows within one group, a partial per task,
+// bf16: the products run in the dtype common.h's product_dtype picks (bf16 on CPUs with bf16 units: oneDNN,
+// fp32 accumulation; else fp32 on upcast operands), except the column-path convolutions, always in fp32
+// (layer_product_dtype); a is rounded to bf16 once; the norm and its statistics compute in fp32.
+// Sums: fixed tasks of rows within one group, a partial per task,
 // partials added in task order in double: the same bits with any thread count.
 #include "activation.h"
 #include "common.h"
@@ -245,7 +247,6 @@ at::Tensor rows_layout(const at::Tensor& t) {
 
 int64_t matrix_rows(const at::Tensor& t) { return t.numel() / t.size(1); }
 
-at::ScalarType product_dtype(at::ScalarType dtype) { return dtype == at::kBFloat16 ? at::kFloat : dtype; }
 
 // ---- convolutions with few channels on one side, as column GEMMs ---------------------------------------
 // oneDNN runs a convolution whose input (conv2d) or output (conv_transpose2d) has one to a few channels at
@@ -258,6 +259,15 @@ bool column_path(int64_t kind, const at::Tensor& weight) {
   if (kind == kConv) return weight.size(1) <= kColumnChannels;  // few input channels
   if (kind == kConvTranspose) return weight.size(1) <= kColumnChannels;  // few output channels
   return false;
+}
+
+// The dtype the layer's product runs in (common.h's product_dtype), except that a column-path product keeps
+// bf16 operands upcast on either path: those products are small and bound by their bytes, not their
+// multiply-adds, and their weight gradient sums per-sample partial products, which bf16 would round once per
+// sample instead of once.
+at::ScalarType layer_product_dtype(at::ScalarType dtype, int64_t kind, const at::Tensor& weight) {
+  if (dtype == at::kBFloat16 && column_path(kind, weight)) return at::kFloat;
+  return product_dtype(dtype);
 }
 
 // [N, C, H, W] (any layout) as im2col columns [N, C kh kw, L] (one at::im2col call with the samples as channels:
@@ -366,7 +376,7 @@ Tensors6 fused_layer_forward(
               "vaegan_fast native fused_layer_forward: a norm needs its weight, bias and running statistics");
   // The operands as the product reads them: channels-last for convolutions (oneDNN's layout), fp32 for bf16.
   const at::Tensor x = kind == kDense ? x_.contiguous() : x_.contiguous(at::MemoryFormat::ChannelsLast);
-  const auto pdt = product_dtype(dtype);
+  const auto pdt = layer_product_dtype(dtype, kind, weight_);
   std::optional<at::Tensor> bias_p;
   if (bias) bias_p = bias->to(pdt);
   at::Tensor a = product(kind, x.to(pdt), weight_.to(pdt), bias_p, stride, padding, output_padding);
@@ -534,7 +544,7 @@ Tensors5 fused_layer_backward(
   }
   // The products' backward, in fp32 for bf16; dx on rows [dx_start, dx_start + dx_rows) of the ones given (the
   // rows the layer below needs: a stream through a norm runs its norm on whole groups, its product on fewer).
-  const auto pdt = product_dtype(dtype);
+  const auto pdt = layer_product_dtype(dtype, kind, weight_);
   const at::Tensor da_p = da.to(pdt), x_p = x.to(pdt), w_p = weight_.to(pdt);
   const int64_t n = dy.size(0);
   TORCH_CHECK(!need_dx || (dx_start >= 0 && dx_rows >= 0 && dx_start + dx_rows <= n),

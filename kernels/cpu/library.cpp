@@ -3,9 +3,36 @@
 // math, bytes moved and autograd formula, and plan_step.cpp runs a training step's plan over them; the fake (meta)
 // implementations are registered from Python, in vaegan_fast/ops/_native.py. Load with
 // torch.ops.load_library(path) after importing torch.
+#include "common.h"
+
+#include <atomic>
+#include <string>
+
 #include <torch/library.h>
 
+#ifndef VAEGAN_FAST_ISA
+#define VAEGAN_FAST_ISA "unknown"
+#endif
+
+namespace vaegan_fast_native {
+namespace {
+// The bf16 product path: false (the default until Python sets it at load time) upcasts bf16 operands to fp32.
+std::atomic<bool> g_bf16_products{false};
+
+bool set_bf16_products_op(bool enabled) { return g_bf16_products.exchange(enabled); }
+std::string build_isa_op() { return VAEGAN_FAST_ISA; }
+}  // namespace
+
+bool bf16_products() { return g_bf16_products.load(std::memory_order_relaxed); }
+}  // namespace vaegan_fast_native
+
 TORCH_LIBRARY(vaegan_fast_native, m) {
+  // Configuration (vaegan_fast/ops/_native_lib.py calls these once at load time; tests switch the path):
+  // set_bf16_products(True) forms bf16 products (GEMMs, convolutions) in bf16 with fp32 accumulation
+  // (oneDNN), False upcasts their operands to fp32; it returns the previous setting. build_isa: the ISA this
+  // copy of the library was compiled for ("generic", "avx2", "avx512").
+  m.def("set_bf16_products(bool enabled) -> bool", &vaegan_fast_native::set_bf16_products_op);
+  m.def("build_isa() -> str", &vaegan_fast_native::build_isa_op);
   // (z, kl) = reparam_kl(mu, logvar, eps); grads of mu, logvar (and eps when need_grad_eps, else empty).
   m.def("reparam_kl(Tensor mu, Tensor logvar, Tensor eps) -> (Tensor, Tensor)");
   m.def(

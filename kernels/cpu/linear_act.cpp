@@ -19,9 +19,11 @@
 // (3 MNe). Eager PyTorch: addmm's bias copy, the activation (2 MNe), and backward's activation derivative
 // (3 MNe) plus a separate bias-gradient reduction (MNe), with one dispatch per op.
 //
-// bf16: the operands are upcast and the GEMMs, bias and activation run in fp32, rounded to bf16 once (on
-// CPUs without AVX512-BF16 a bf16 GEMM is ~20x slower than the upcast plus an fp32 GEMM). The derivative
-// pass reads bf16 grad_y and writes bf16 ga, as eager does. The bias gradient is summed in fp32 (fp64 for
+// bf16, fp32 product path (CPUs without bf16 units): the operands are upcast and the GEMMs, bias and activation
+// run in fp32, rounded to bf16 once (there a bf16 GEMM is ~10-20x slower than the upcast plus an fp32 GEMM).
+// bf16 product path (common.h's product_dtype): the GEMMs run on the bf16 operands (oneDNN, fp32
+// accumulation, the bias added inside the GEMM, rounded to bf16 once), the activation in fp32 registers. The
+// derivative pass reads bf16 grad_y and writes bf16 ga, as eager does. The bias gradient is summed in fp32 (fp64 for
 // double) per row-task, tasks added in order: independent of the thread count.
 #include "activation.h"
 #include "common.h"
@@ -143,10 +145,11 @@ std::tuple<at::Tensor, at::Tensor> linear_act(const at::Tensor& x, const at::Ten
     TORCH_CHECK(bias_->dim() == 1 && bias_->size(0) == N && bias_->scalar_type() == x.scalar_type(),
                 "vaegan_fast native linear_act: bias must be [N] of the inputs' dtype");
   }
-  if (x.scalar_type() == at::kBFloat16) {
-    // bf16: GEMM, bias and activation in fp32, rounded once at the end. x86 CPUs without AVX512-BF16 (this
-    // one) run bf16 GEMMs about 20x slower than fp32 ones, so upcasting the operands (a pass over x and W)
-    // is far cheaper than the bf16 GEMM and rounds less.
+  if (product_dtype(x.scalar_type()) != x.scalar_type()) {
+    // bf16 on the fp32 product path: GEMM, bias and activation in fp32, rounded once at the end. x86 CPUs
+    // without AVX512-BF16 run bf16 GEMMs about 10-20x slower than fp32 ones, so upcasting the operands (a
+    // pass over x and W) is far cheaper than the bf16 GEMM and rounds less. On the bf16 product path the
+    // GEMM runs on the bf16 operands (oneDNN, fp32 accumulation) and the epilogue below in fp32 registers.
     auto b32 = has_bias ? std::optional<at::Tensor>(bias_->to(at::kFloat)) : std::nullopt;
     auto [y32, pre32] = linear_act(x.to(at::kFloat), weight.to(at::kFloat), b32, act, slope);
     return {y32.to(at::kBFloat16), pre32.to(at::kBFloat16)};
@@ -158,9 +161,14 @@ std::tuple<at::Tensor, at::Tensor> linear_act(const at::Tensor& x, const at::Ten
     at::Tensor a = has_bias ? at::addmm(*bias_, x, weight.t()) : at::mm(x, weight.t());
     return {a.is_contiguous() ? a : a.contiguous(), at::empty({0}, a.options())};
   }
-  at::Tensor a = at::mm(x, weight.t());
+  // bf16 products: the bias goes inside the GEMM too (oneDNN adds it to the fp32 accumulator), so the
+  // pre-activation is rounded to bf16 once, as eager's addmm rounds it. Added after a rounded product instead,
+  // values near zero changed sign against the fp64 reference where eager's did not, and each flipped a relu
+  // mask entry: a weight-gradient error of |g x| (measured: 14 flips in 257x65, 60x eager's error).
+  const bool bias_in_gemm = has_bias && x.scalar_type() == at::kBFloat16;
+  at::Tensor a = bias_in_gemm ? at::addmm(*bias_, x, weight.t()) : at::mm(x, weight.t());
   if (!a.is_contiguous()) a = a.contiguous();
-  const bool add_bias = has_bias;
+  const bool add_bias = has_bias && !bias_in_gemm;
   at::Tensor y = keep_pre ? at::empty_like(a) : a;
   if (M * N > 0) {
     VFN_DISPATCH(x.scalar_type(), "linear_act", [&] {
@@ -213,7 +221,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_act_backward(
       }
     });
   }
-  const bool bf16 = x.scalar_type() == at::kBFloat16;  // the GEMMs in fp32, as in the forward
+  const bool bf16 = product_dtype(x.scalar_type()) != x.scalar_type();  // the GEMMs upcast, as in the forward
   const at::Tensor ga_mm = bf16 ? ga.to(at::kFloat) : ga;
   at::Tensor gx = at::empty({0}, x.options()), gw = at::empty({0}, x.options());
   auto grad_input = [&] { gx = at::mm(ga_mm, bf16 ? weight.to(at::kFloat) : weight); };

@@ -46,11 +46,46 @@ try:
 except Exception as _exc:  # pragma: no cover - depends on the build
     from . import _dispatch as _d
 
-    _d.record_load_error("native", f"{_exc}; build it with `pip install --no-build-isolation -e .`")
+    _hint = "" if "VAEGAN_FAST_" in str(_exc) else "; build it with `pip install --no-build-isolation -e .`"
+    _d.record_load_error("native", f"{_exc}{_hint}")  # an environment setting refused: no build hint
     del _d
 
+
+
+def backend_info() -> dict:
+    """What the CPU backend runs on, and why: the native library's ISA ("generic", "avx2", "avx512"; None when
+    the native backend did not load, with ``native_error``), the bf16 product path ("bf16": products on bf16
+    operands through oneDNN, fp32 accumulation; "fp32": operands upcast) and the reasons for both, next to
+    what torch reports about the CPU; for the triton backend, why it did not load or which layers it runs on the
+reference path. The choices are made when vaegan_fast is imported (environment:
+    VAEGAN_FAST_ARCH, VAEGAN_FAST_BF16_PRODUCTS; see vaegan_fast/ops/_native_lib.py)."""
+    import sys
+
+    import torch
+
+    from . import _dispatch as d
+
+    info = {"torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "avx512_bf16": bool(getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()),
+            "amx": bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()),
+            "isa": None, "isa_reason": None, "library": None, "cpu_isas": None, "bf16_products": None,
+            "bf16_reason": None, "native_error": None,
+            "triton_error": d._load_errors.get("triton"), "triton_on_reference": None}
+    if sys.modules.get(__name__ + ".layer.triton") is not None:
+        from .layer.triton import ON_REFERENCE
+
+        info["triton_on_reference"] = ON_REFERENCE
+    lib = sys.modules.get(__name__ + "._native_lib")
+    if lib is None or "native" in d._load_errors:
+        info["native_error"] = d._load_errors.get("native", "the native backend did not load")
+    else:
+        info.update(lib.info())
+    return info
+
+
 __all__ = [
-    "ACTIVATIONS", "BACKENDS", "BackendUnavailableError", "apply_activation", "available_backends", "conv2d_act",
+    "ACTIVATIONS", "BACKENDS", "BackendUnavailableError", "apply_activation", "available_backends", "backend_info",
+    "conv2d_act",
     "conv_transpose2d_act", "discriminator_loss", "feature_recon_loss", "generator_loss", "linear_act",
     "reparam_kl", "softplus",
 ]

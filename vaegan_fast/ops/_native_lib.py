@@ -1,26 +1,42 @@
 """The "native" backend's library: the C++ CPU kernels of ``kernels/cpu/`` loaded as torch ops, and the helpers
 every op's native module shares.
 
-The library ``vaegan_fast/_native/libvaegan_fast_native*.so`` is built by the top-level CMakeLists.txt when
-the package is installed (``pip install --no-build-isolation -e .``; setup.py drives CMake). It defines the
+The libraries ``vaegan_fast/_native/libvaegan_fast_native_<isa>.so`` are built by the top-level CMakeLists.txt
+when the package is installed (``pip install --no-build-isolation -e .``; setup.py drives CMake). They define the
 ops ``torch.ops.vaegan_fast_native.*`` (schemas in kernels/cpu/library.cpp) with CPU kernels and their
 autograd formulas in C++ (torch::autograd::Function registered at the Autograd key, in the same .cpp files,
 so no Python runs between the call and the kernel). Each op's ``native.py`` (vaegan_fast/ops/<op>/native.py)
 adds the fake (meta) implementations of its C++ ops with ``torch.library`` and registers its implementation
 with the dispatcher under "native", so ``torch.library.opcheck`` and torch.compile see ordinary custom ops.
 
+Two choices are made here, once, at import (``backend_info()`` reports both and why):
+
+- **ISA.** The same kernels are built for ``generic`` (no ISA flags), ``avx2`` and ``avx512``; exactly one is
+  loaded per process (they register the same op namespace). The default follows ATen's own dispatch,
+  ``torch.backends.cpu.get_cpu_capability()`` (which honours ``ATEN_CPU_CAPABILITY``), so our kernels use the
+  vector width torch's do; ``VAEGAN_FAST_ARCH=generic|avx2|avx512`` overrides it, and an ISA the CPU cannot
+  execute is refused with an ImportError (an illegal instruction later would kill the process).
+- **bf16 products.** Where the CPU has bf16 units (``torch.cpu._is_avx512_bf16_supported()`` or
+  ``_is_amx_tile_supported()``) the bf16 ops form their GEMMs and convolutions on bf16 operands (oneDNN, fp32
+  accumulation): about 2.5x the fp32 rate on a Zen 4, 5x on AMX. Elsewhere bf16 products are emulated at
+  about a tenth of fp32's rate, so the operands are upcast and the products run in fp32.
+  ``VAEGAN_FAST_BF16_PRODUCTS=bf16|fp32|auto`` forces the choice; ``bf16_products(mode)`` switches it for a
+  block of code (tests run both paths on any machine). Both paths meet the bf16 accuracy rule
+  (vaegan_fast/testing.py).
+
 Importing this module raises ImportError when the library is missing or fails to load; ``ops/__init__``
 records the reason, so ``backend="native"`` says how to build it and ``backend="auto"`` falls back to the
 reference (with one warning).
 
-dtypes: float32, bfloat16 (computed in fp32), float64 (for gradcheck). float16 is refused with a TypeError, and
+dtypes: float32, bfloat16 (products as above, everything else computed in fp32), float64 (for gradcheck).
+float16 is refused with a TypeError, and
 ``backend="auto"`` passes float16 work to another backend.
 Double backward (``create_graph=True``): each C++ backward, when grad mode is on, computes its result with
 differentiable ATen ops from the saved tensors instead of calling the kernel.
 """
 from __future__ import annotations
 
-import glob
+import contextlib
 import os
 from typing import Optional
 
@@ -31,25 +47,160 @@ from . import _dispatch
 BUILD_HINT = "build it with `pip install --no-build-isolation -e .`"
 LIB_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "_native")
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float64)
+ISAS = ("generic", "avx2", "avx512")  # narrowest first
+ARCH_ENV = "VAEGAN_FAST_ARCH"
+BF16_ENV = "VAEGAN_FAST_BF16_PRODUCTS"
+BF16_MODES = ("auto", "bf16", "fp32")
+_CAPABILITY_ISA = {"DEFAULT": "generic", "NO AVX": "generic", "AVX2": "avx2", "AVX512": "avx512"}
+
+
+def library_path(isa: str, folder: str = LIB_DIR) -> str:
+    return os.path.join(folder, f"libvaegan_fast_native_{isa}.so")
+
+
+def cpu_isas() -> tuple:
+    """The ISAs of ISAS this CPU can execute, narrowest first (from torch's cpuinfo, not from
+    ATEN_CPU_CAPABILITY, which only lowers what ATen chooses)."""
+    return ("generic",) + tuple(isa for isa in ISAS[1:] if _cpu_has(isa))
+
+
+def _cpu_has(isa: str) -> bool:
+    """Whether the CPU executes our ``isa`` build: ATen's own cpuinfo checks when torch exposes them, else
+    /proc/cpuinfo's flags (avx2 + fma + f16c; avx512f + bw + vl + dq)."""
+    probe = {"avx2": "_is_avx2_supported", "avx512": "_is_avx512_supported"}[isa]
+    fn = getattr(torch.cpu, probe, None)
+    if fn is not None:
+        try:
+            return bool(fn())
+        except Exception:  # pragma: no cover
+            pass
+    flags = _proc_flags()
+    need = {"avx2": {"avx2", "fma", "f16c"}, "avx512": {"avx512f", "avx512bw", "avx512vl", "avx512dq"}}[isa]
+    return need <= flags
+
+
+def _proc_flags() -> set:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:  # pragma: no cover
+        pass
+    return set()
+
+
+def choose_isa(folder: str = LIB_DIR) -> tuple:
+    """(isa, reason): VAEGAN_FAST_ARCH when set (refused when the CPU cannot execute it or it is not built),
+    else the ISA of ATen's own CPU dispatch, narrowed to the widest one built."""
+    runnable = cpu_isas()
+    forced = os.environ.get(ARCH_ENV, "").strip().lower()
+    if forced and forced != "auto":
+        if forced not in ISAS:
+            raise ImportError(f"{ARCH_ENV}={forced!r}: choose one of {', '.join(ISAS)} (or auto)")
+        if forced not in runnable:
+            raise ImportError(f"{ARCH_ENV}={forced}: this CPU cannot execute {forced} code (it runs "
+                              f"{', '.join(runnable)}); unset {ARCH_ENV} or choose one of those")
+        if not os.path.exists(library_path(forced, folder)):
+            raise ImportError(f"{ARCH_ENV}={forced}: {library_path(forced, folder)} is not built")
+        return forced, f"{ARCH_ENV}={forced}"
+    capability = torch.backends.cpu.get_cpu_capability()
+    wanted = _CAPABILITY_ISA.get(capability, "generic")
+    for isa in reversed(ISAS[:ISAS.index(wanted) + 1]):
+        if isa in runnable and os.path.exists(library_path(isa, folder)):
+            why = f"torch's CPU capability {capability}"
+            return isa, why if isa == wanted else f"{why}; the {wanted} library is not built"
+    raise ImportError(f"the native CPU library is not built (no libvaegan_fast_native_<isa>.so for "
+                      f"{', '.join(runnable)} in {folder})")
 
 
 def find_library(folder: str = LIB_DIR) -> str:
-    """The path of the built library in ``folder``; ImportError (with the way to build it) when absent."""
-    found = sorted(glob.glob(os.path.join(folder, "*vaegan_fast_native*.so")))
-    if not found:
-        raise ImportError(f"the native CPU library is not built (no *vaegan_fast_native*.so in {folder})")
-    return found[0]
+    """The path of the library this process loads from ``folder``; ImportError when none fits."""
+    return library_path(choose_isa(folder)[0], folder)
+
+
+def cpu_has_bf16_units() -> bool:
+    for probe in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"):
+        fn = getattr(torch.cpu, probe, None)
+        try:
+            if fn is not None and fn():
+                return True
+        except Exception:  # pragma: no cover
+            pass
+    return False
+
+
+def choose_bf16_products() -> tuple:
+    """(path, reason): "bf16" or "fp32", from VAEGAN_FAST_BF16_PRODUCTS or the CPU."""
+    mode = os.environ.get(BF16_ENV, "auto").strip().lower() or "auto"
+    if mode not in BF16_MODES:
+        raise ImportError(f"{BF16_ENV}={mode!r}: choose one of {', '.join(BF16_MODES)}")
+    if mode != "auto":
+        return mode, f"{BF16_ENV}={mode}"
+    amx = bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
+    if cpu_has_bf16_units():
+        return "bf16", "the CPU has bf16 units (" + ("AMX" if amx else "avx512_bf16") + "): oneDNN bf16 products"
+    return "fp32", "the CPU has no bf16 units (bf16 products would be emulated): operands upcast to fp32"
+
+
+_STATE: dict = {}
 
 
 def load_library(folder: str = LIB_DIR) -> None:
-    path = find_library(folder)
+    isa, isa_reason = choose_isa(folder)
+    path = library_path(isa, folder)
+    path_mode, bf16_reason = choose_bf16_products()
     try:
         torch.ops.load_library(path)
     except OSError as exc:
         raise ImportError(f"the native CPU library {path} failed to load: {exc}") from exc
+    built = torch.ops.vaegan_fast_native.build_isa()
+    torch.ops.vaegan_fast_native.set_bf16_products(path_mode == "bf16")
+    _STATE.update(isa=built, isa_reason=isa_reason, library=path, bf16_products=path_mode,
+                  bf16_reason=bf16_reason)
 
 
 load_library()
+
+
+def get_bf16_products() -> str:
+    """The bf16 product path now in force: "bf16" or "fp32"."""
+    return _STATE["bf16_products"]
+
+
+def set_bf16_products(mode: str) -> str:
+    """Switch the bf16 product path ("bf16", "fp32" or "auto": what the CPU suggests); returns the previous one.
+    For tests and benchmarks: the step's results differ between the paths, so switch between steps only."""
+    if mode not in BF16_MODES:
+        raise ValueError(f"bf16 products: choose one of {', '.join(BF16_MODES)}, got {mode!r}")
+    previous = _STATE["bf16_products"]
+    if mode == "auto":
+        mode = "bf16" if cpu_has_bf16_units() else "fp32"
+        reason = "set_bf16_products('auto')"
+    else:
+        reason = f"set_bf16_products({mode!r})"
+    torch.ops.vaegan_fast_native.set_bf16_products(mode == "bf16")
+    _STATE.update(bf16_products=mode, bf16_reason=reason)
+    return previous
+
+
+@contextlib.contextmanager
+def bf16_products(mode: str):
+    """``with bf16_products("bf16"): ...`` runs the block on that product path, then restores the previous."""
+    previous, reason = _STATE["bf16_products"], _STATE["bf16_reason"]
+    set_bf16_products(mode)
+    try:
+        yield
+    finally:
+        torch.ops.vaegan_fast_native.set_bf16_products(previous == "bf16")
+        _STATE.update(bf16_products=previous, bf16_reason=reason)
+
+
+def info() -> dict:
+    """What was loaded and why (vaegan_fast.backend_info() adds it under "native")."""
+    return {"isa": _STATE["isa"], "isa_reason": _STATE["isa_reason"], "library": _STATE["library"],
+            "cpu_isas": list(cpu_isas()), "bf16_products": _STATE["bf16_products"],
+            "bf16_reason": _STATE["bf16_reason"]}
 
 
 class _Ops:

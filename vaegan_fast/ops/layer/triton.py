@@ -6,6 +6,7 @@ Triton conv kernels exist (vaegan_fast.backend_info() says which layers do).
 """
 from __future__ import annotations
 
+import warnings
 from typing import Optional
 
 import torch
@@ -129,11 +130,25 @@ def dense_backward_triton(dy: Tensor, x: Tensor, weight: Tensor, saved: Tensor, 
 # ---------------------------------------------------------------------------------------------------------
 # Every layer: dense layers without a norm on the kernels above, the others on the reference
 # ---------------------------------------------------------------------------------------------------------
+ON_REFERENCE = "conv2d, conv_transpose2d and batch-norm layers (no Triton conv kernels yet)"
+_warned: set = set()
+
+
+def _on_reference(spec) -> None:
+    """Says once per layer kind that the triton backend runs it on the reference path."""
+    kind = spec.kind + (" + batch norm" if spec.norm else "")
+    if kind not in _warned:
+        _warned.add(kind)
+        warnings.warn(f"backend 'triton' runs {kind} layers on the reference path (PyTorch ops): "
+                      f"{ON_REFERENCE}; see vaegan_fast.backend_info()", RuntimeWarning, stacklevel=3)
+
+
 @_dispatch.register("layer_forward", "triton")
 def layer_forward_triton(spec, p, x, groups: int, training: bool):
     if plain_dense(spec):
         y, kept = dense_forward_triton(x, p.weight, p.bias, spec.activation, spec.negative_slope)
         return y, LayerCache(x, None, kept, None, None, training)
+    _on_reference(spec)
     return layer_forward_reference(spec, p, x, groups, training)
 
 
@@ -152,4 +167,5 @@ def layer_backward_triton(spec, p, cache, dy, r0: int, r1: int, dx_rows: tuple, 
 def layer_act_triton(spec, x, weight, bias, norm, training: bool):
     if plain_dense(spec):
         return linear_act_triton(x, weight, bias, spec.activation, spec.negative_slope)
+    _on_reference(spec)
     return layer_act_reference(spec, x, weight, bias, norm, training)
