@@ -1,7 +1,7 @@
 """Where the time of a training step goes: python bench/profile_step.py [--preset seed] [--batch 256].
 
 Profiles the eager baseline step (bench/baseline.py) and vaegan_fast's step with torch.profiler and splits
-their CPU time into matrix products, elementwise and reduction kernels, the optimizer, and the rest
+their CPU time into matrix products and convolutions, elementwise and reduction kernels, the optimizer, and the rest
 (framework and Python overhead: dispatch, autograd bookkeeping, the time between kernels), reported per step.
 """
 from __future__ import annotations
@@ -21,13 +21,17 @@ import e2e  # noqa: E402
 from vaegan_fast import PRESETS, RECOMMENDED_BATCH  # noqa: E402
 
 GEMMS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::matmul", "aten::linear")
+# oneDNN's and the fallback's convolutions, forward and backward (their self time is the product).
+CONVOLUTIONS = ("aten::mkldnn_convolution", "aten::convolution_backward", "aten::_convolution", "aten::convolution",
+                "aten::conv2d", "aten::conv_transpose2d", "aten::_slow_conv2d", "aten::slow_conv_transpose2d",
+                "aten::cudnn_convolution")
 
 
 def category(name: str) -> str:
     # Self times: a fused native op's own time is its passes around the BLAS call (bias, activation, its
     # derivative), which is elementwise work; the product itself is the aten::mm inside it.
-    if name.startswith(GEMMS):
-        return "matrix products"
+    if name.startswith(GEMMS) or name.startswith(CONVOLUTIONS):
+        return "matrix products and convolutions"
     if "adam" in name.lower() or name.startswith("Optimizer"):
         return "optimizer"
     return "elementwise, reductions, copies (incl. the fused ops' own passes)"
