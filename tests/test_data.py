@@ -143,3 +143,12 @@ def test_batch_stream_is_a_function_of_the_step_and_covers_each_epoch_once():
     assert not torch.equal(stream.batch(0), stream.batch(3))  # a new epoch is a new permutation
     with pytest.raises(ValueError, match="larger than the dataset"):
         data.BatchStream(ds, 11)
+
+
+def test_a_dataset_carries_an_image_shape_that_fits_its_rows():
+    rows = torch.rand(4, 2 * 3 * 5)
+    assert data.ImageDataset(rows, [2, 3, 5]).image_shape == (2, 3, 5)
+    with pytest.raises(ValueError, match=r"image_shape must be \(channels, height, width\)"):
+        data.ImageDataset(rows, (3, 10))  # the 2-d shape two evaluate tests once passed
+    with pytest.raises(ValueError, match=r"images must be \[N, 30\] rows of 2x3x5 images, got \[4, 29\]"):
+        data.ImageDataset(torch.rand(4, 29), (2, 3, 5))
