@@ -3,6 +3,7 @@
     python bench/quality.py --steps 3000 --seeds 0,1,2
     python bench/quality.py --preset conv --steps 1500,3000      # the conv networks, evaluated at both budgets
     python bench/quality.py --modes vaegan --precisions fp32,bf16   # is low-precision training as good?
+    python bench/quality.py --preset conv --seeds 1 --modes vaegan --vaegan-option encoder_llike_weight=0.25  # a trial
 
 All three are vaegan_fast.Model with one preset's networks (default "seed"), trained on the Fashion-MNIST
 train split with the same batch size (the preset's), step budget, optimizer (Adam, lr 2e-4, betas
@@ -13,11 +14,15 @@ train split with the same batch size (the preset's), step budget, optimizer (Ada
           count as fakes, the preset's gating (seed: gamma 1, no gating; conv: see vaegan_fast.PRESETS).
 Each model is evaluated on the test split (vaegan_fast.evaluate): reconstruction MSE, mean KL, FID in the
 features of the project's Fashion-MNIST classifier, precision and recall. Writes a markdown table, JSON and
-one PNG with the three models' samples side by side under bench/results/.
+one PNG with the three models' samples side by side under bench/results/ (or --results).
+
+``--vaegan-option KEY=VALUE`` (repeatable) overrides one of the VAE-GAN's options for the vaegan rows alone: the
+VAE and the GAN keep the preset's defaults, so a tuning trial never tunes the baselines.
 """
 from __future__ import annotations
 
 import argparse
+import ast
 import datetime
 import json
 import statistics
@@ -27,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from vaegan_fast import PRESETS, RECOMMENDED_BATCH
+from vaegan_fast import PRESETS, RECOMMENDED_BATCH, Model
 from vaegan_fast.data import load_fashion_mnist
 from vaegan_fast.evaluate import features, frechet_distance, load_classifier
 from vaegan_fast.evaluate import evaluate_model
@@ -65,6 +70,17 @@ def side_by_side(grids: dict, path: Path) -> None:
     canvas.save(path)
 
 
+def vaegan_option(text: str) -> tuple:
+    """KEY=VALUE with VALUE a Python literal (0.25, True, 1e-4, (0.5, 0.9)); a bare word stays a string."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.isidentifier():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE (e.g. encoder_llike_weight=0.25), got {text!r}")
+    try:
+        return key, ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        return key, value
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", default="3000", help="comma list of step budgets: each run is evaluated at each")
@@ -75,7 +91,19 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=None, help="folder for the runs (default bench/results/quality-runs)")
     p.add_argument("--modes", default=",".join(MODES), help=f"comma list of {tuple(MODES)}")
     p.add_argument("--precisions", default="fp32", help="comma list of Model precisions, e.g. fp32,bf16")
+    p.add_argument("--vaegan-option", type=vaegan_option, action="append", default=[], metavar="KEY=VALUE",
+                   help="a Model option for the vaegan rows alone (repeatable), e.g. encoder_llike_weight=0.25")
+    p.add_argument("--results", default=None, help="folder for the table, JSON and PNG (default bench/results)")
     args = p.parse_args(argv)
+    overrides = dict(args.vaegan_option)
+    for key in ("mode", "precision", "seed"):
+        if key in overrides:
+            raise SystemExit(f"--vaegan-option {key}: set by the benchmark itself (--modes, --precisions, --seeds)")
+    if overrides:
+        try:  # a misspelt or out-of-range option is refused before any training
+            Model.preset(args.preset, **overrides)
+        except (TypeError, ValueError) as exc:
+            raise SystemExit(f"--vaegan-option: {exc}") from None
     budgets = sorted(int(s) for s in args.steps.split(","))
     batch = args.batch_size or RECOMMENDED_BATCH[args.preset]
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -84,7 +112,8 @@ def main(argv=None) -> int:
         raise SystemExit(f"--modes: choose from {tuple(MODES)}, got {args.modes!r}")
     precisions = args.precisions.split(",")
     # One row per (mode, precision); precision is named in the row only when more than fp32 is compared.
-    variants = {(f"{m} ({p})" if precisions != ["fp32"] else m): {**MODES[m], "precision": p}
+    variants = {(f"{m} ({p})" if precisions != ["fp32"] else m):
+                {**MODES[m], **(overrides if m == "vaegan" else {}), "precision": p}
                 for m in modes for p in precisions}
     runs = Path(args.out) if args.out else RESULTS / "quality-runs"
     test = load_fashion_mnist("test")
@@ -124,11 +153,14 @@ def main(argv=None) -> int:
         lines += [f"| real train images | - | - | {floor:.2f} | - | - | - |", ""]
     table = "\n".join(lines)
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    stem = RESULTS / f"quality-{stamp}"
+    results_dir = Path(args.results) if args.results else RESULTS
+    results_dir.mkdir(parents=True, exist_ok=True)
+    stem = results_dir / f"quality-{stamp}"
     side_by_side({mode: runs / f"{args.preset}-{mode.replace(' (', '-').rstrip(')')}-seed{seeds[0]}" /
                   "samples_final.png" for mode in variants}, stem.with_suffix(".png"))
     header = (f"preset {args.preset}, {', '.join(map(str, budgets))} steps, batch {batch}, seeds {seeds} "
               f"(mean ± std), {args.samples} samples; "
+              + (f"vaegan options beyond the preset: {overrides}; " if overrides else "") +
               f"feature classifier test accuracy {accuracy:.4f}; torch {torch.__version__}; "
               f"command: `{' '.join([sys.executable.split('/')[-1], *sys.argv])}`")
     stem.with_suffix(".md").write_text(header + "\n\n" + table + "\n")

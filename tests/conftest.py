@@ -7,7 +7,12 @@ import os
 import re
 import zlib
 
-import torch
+# numpy's OpenBLAS (the interpreter's tl.dot) next to torch's OpenMP threads: with its default thread count a
+# [16, 32768] x [32768, 32] matmul took 0.57 s instead of 0.5 ms on 2 cores (docs/performance.md). Read when
+# numpy loads, so before torch imports it.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+import torch  # noqa: E402
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -35,8 +40,8 @@ def _fresh_seed(request):
 # The native backend's two bf16 product paths (vaegan_fast/ops/_native_lib.py): "fp32" upcasts the operands of
 # every bf16 product, "bf16" forms it on the bf16 operands (oneDNN, fp32 accumulation). The CPU picks one at
 # import; a test that takes this fixture runs on both, whatever the CPU (on one without bf16 units the "bf16"
-# path is only slower). Parametrised tests whose dtype (or backend) does not involve the native bf16 products
-# are deselected for the second path rather than run twice.
+# path is only slower). Parametrised tests whose dtype (or backend: reference, triton) does not involve the native
+# bf16 products are deselected for the second path rather than run twice.
 BF16_PATHS = ("fp32", "bf16")
 
 
@@ -57,7 +62,8 @@ def pytest_collection_modifyitems(config, items):
         params = getattr(getattr(item, "callspec", None), "params", {})
         second_path = params.get("bf16_products") == BF16_PATHS[1]
         dtype = params.get("dtype")
-        if second_path and ((dtype is not None and dtype != torch.bfloat16) or params.get("backend") == "reference"):
+        other_backend = params.get("backend") in ("reference", "triton")
+        if second_path and ((dtype is not None and dtype != torch.bfloat16) or other_backend):
             drop.append(item)
         else:
             keep.append(item)

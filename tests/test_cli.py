@@ -136,6 +136,8 @@ BAD_TRAIN = [
     (["--steps", "2", "--log-every", "0"], "--log-every"), (["--steps", "2", "--grid-every", "-1"], "--grid-every"),
     (["--steps", "2", "--gamma", "nan"], "--gamma"), (["--steps", "2", "--gamma", "-inf"], "--gamma"),
     (["--steps", "2", "--gamma", "-1"], "--gamma"), (["--steps", "2", "--pixel-weight", "inf"], "--pixel-weight"),
+    (["--steps", "2", "--encoder-llike-weight", "-0.5"], "--encoder-llike-weight"),
+    (["--steps", "2", "--encoder-llike-weight", "nan"], "--encoder-llike-weight"),
     (["--steps", "2", "--lr", "nan"], "--lr"), (["--steps", "2", "--lr", "0"], "--lr"),
     (["--steps", "2", "--feature-layer", "1.5"], "--feature-layer"), (["--steps", "2", "--seed", "-1"], "--seed"),
     (["--steps", "2", "--preset", "huge"], "--preset"), (["--steps", "2", "--backend", "cuda-magic"], "--backend"),
@@ -220,7 +222,8 @@ def test_sample_refuses_an_output_that_is_a_folder(tmp_path, capsys, trained_che
 
 
 @pytest.mark.parametrize("flag,value,saved", [
-    ("--gamma", "0.5", "1.0"), ("--pixel-weight", "2", "1.0"), ("--mode", "vae", "vaegan"),
+    ("--gamma", "0.5", "1.0"), ("--encoder-llike-weight", "0.5", "1.0"), ("--pixel-weight", "2", "1.0"),
+    ("--mode", "vae", "vaegan"),
     ("--precision", "bf16", "fp32"), ("--no-recon-as-fake", None, "True"), ("--saturating", None, "False"),
     ("--gating", None, "False"), ("--feature-layer", "0", "-1"), ("--preset", "wide", "seed"), ("--seed", "5", "0"),
     ("--batch-size", "8", "16"), ("--data", "fashion-mnist", "synthetic"),
@@ -279,3 +282,11 @@ def test_conv_presets_train_sample_and_evaluate_through_the_cli(tmp_path, capsys
     assert "reconstruction MSE" in said and "covers only Fashion-MNIST" in said
     one_error_line(capsys, ["train", "--data", "synthetic", "--preset", "larsen64", "--steps", "1", "--out",
                             str(tmp_path / "bad"), "--no-progress"], "divisible by 8", "--image-size", code=1)
+
+
+def test_the_encoders_feature_weight_has_a_flag():
+    from vaegan_fast.__main__ import _model_options, build_parser
+    args = build_parser().parse_args(["train", "--steps", "1", "--out", "o", "--encoder-llike-weight", "0.25"])
+    assert _model_options(args)["encoder_llike_weight"] == 0.25
+    unset = build_parser().parse_args(["train", "--steps", "1", "--out", "o"])
+    assert "encoder_llike_weight" not in _model_options(unset)  # the preset's (or the model's) default

@@ -1,4 +1,4 @@
-"""The fused layer (product + bias + batch norm + activation) on every CPU backend against fp64.
+"""The fused layer (product + bias + batch norm + activation) on every backend that runs on CPU tensors against fp64.
 
 Two forms: the fused modules (FusedConv2d, FusedConvTranspose2d, FusedLinear with a norm) through their
 backend's differentiable op, forward and every gradient against the plain-PyTorch reference in fp64, running
@@ -17,7 +17,9 @@ from numerics import assert_matches
 from vaegan_fast.nn import FusedConv2d, FusedConvTranspose2d, FusedLinear
 from vaegan_fast.ops.layer import LayerParams, layer_impls
 
-BACKENDS = [b for b in ("reference", "native") if b in ops.available_backends("cpu", "layer_forward")]
+# "triton" here: its kernels under the interpreter (TRITON_INTERPRET=1, set by conftest without a GPU); on a GPU
+# machine tests/test_triton_conv.py runs them on the device.
+BACKENDS = [b for b in ("reference", "native", "triton") if b in ops.available_backends("cpu", "layer_forward")]
 ACTS = [("identity", 0.2), ("relu", 0.2), ("leaky_relu", 0.2), ("leaky_relu", -0.3), ("tanh", 0.2),
         ("sigmoid", 0.2), ("gelu", 0.2)]
 # (kind, in, out, kernel, stride, padding, output padding, per-sample input shape)

@@ -60,6 +60,8 @@ OPTION_GRID = [
     dict(),
     dict(recon_as_fake=False, saturating=True, gamma=0.3, pixel_weight=0.0),
     dict(feature_layer=0, gamma=2.0, pixel_weight=0.5),
+    dict(gamma=0.3, encoder_llike_weight=0.25),
+    dict(recon_as_fake=False, encoder_llike_weight=0.0),
 ]
 
 
@@ -374,7 +376,8 @@ def test_mode_options_are_validated():
         small_model(mode="vae", pixel_weight=0.0)
 
 
-NUMERIC_OPTIONS = {"gamma": {}, "pixel_weight": {}, "margin": {}, "equilibrium": {}, "negative_slope": {},
+NUMERIC_OPTIONS = {"gamma": {}, "encoder_llike_weight": {}, "pixel_weight": {}, "margin": {}, "equilibrium": {},
+                   "negative_slope": {},
                    "lr": {}, "lr['decoder']": {}, "betas[0]": {}, "betas['encoder'][1]": {},
                    "loss_scale['init']": dict(precision="fp16"), "loss_scale['growth_factor']": dict(precision="fp16"),
                    "loss_scale['backoff_factor']": dict(precision="fp16")}
@@ -405,7 +408,8 @@ def test_every_numeric_option_refuses_non_finite_values_by_name(option, value):
 @pytest.mark.parametrize("options,message", [
     (dict(latent_dim=0), "latent_dim"), (dict(input_dim=-3), "input_dim"), (dict(seed=-1), "seed"),
     (dict(encoder_hidden=(12, 0)), r"encoder_hidden\[1\]"), (dict(lr=0.0), "lr"), (dict(betas=(0.5, 1.0)), "betas"),
-    (dict(gamma=-0.1), "gamma"), (dict(image_shape=(2, 4, 5), input_dim=None), "channels"),
+    (dict(gamma=-0.1), "gamma"), (dict(encoder_llike_weight=-0.5), "encoder_llike_weight must be >= 0"),
+    (dict(image_shape=(2, 4, 5), input_dim=None), "channels"),
     (dict(image_shape=(1, 4, 4)), "does not match"), (dict(backend="gpu"), "backend"),
 ])
 def test_out_of_range_options_are_refused_by_name(options, message):
@@ -414,10 +418,22 @@ def test_out_of_range_options_are_refused_by_name(options, message):
 
 
 @pytest.mark.parametrize("options,error", [(dict(feature_layer=1.0), TypeError), (dict(latent_dim=3.0), TypeError),
-                                           (dict(gating=1), TypeError), (dict(seed=True), TypeError)])
+                                           (dict(gating=1), TypeError), (dict(seed=True), TypeError),
+                                           (dict(encoder_llike_weight="0.5"), TypeError),
+                                           (dict(encoder_llike_weight=True), TypeError)])
 def test_options_of_the_wrong_type_are_refused(options, error):
     with pytest.raises(error):
         small_model(**options)
+
+
+@pytest.mark.parametrize("weight", [1.0, 0.25, 0.0])
+def test_the_encoders_loss_reads_the_feature_term_at_its_weight(weight):
+    model = small_model(gamma=0.3, encoder_llike_weight=weight).double()
+    stats = model.train_step(batch(dtype=torch.float64))
+    want = stats["kl"] + weight * stats["llike"] + stats["pixel"]
+    assert torch.allclose(stats["encoder_loss"], want, rtol=1e-12, atol=1e-12)
+    assert model.config["encoder_llike_weight"] == weight
+    assert small_model().config["encoder_llike_weight"] == 1.0  # the default: the paper's encoder loss
 
 
 def test_a_nan_gamma_can_no_longer_poison_the_weights():

@@ -69,6 +69,12 @@ def applied_gradients(model, x, monkeypatch):
 
 OPTIONS = [dict(zip(("gamma", "pixel_weight", "recon_as_fake", "saturating"), values))
            for values in itertools.product((1.0, 0.3), (0.0, 0.7), (True, False), (False, True))]
+# The encoder's weight of the feature term (1 above): weighted into U's seed, with the decoder's share joined onto G
+# (reconstructions as fakes) or read from U times gamma / weight (not), and 0 (no U for the encoder at all), with
+# and without the pixel term (at 0 the encoder's upstream is the pixel term or nothing).
+OPTIONS += [dict(gamma=gamma, pixel_weight=pixel, recon_as_fake=fake, saturating=False, encoder_llike_weight=weight)
+            for weight, (gamma, pixel) in itertools.product((0.25, 0.0, 2.5), ((0.3, 0.7), (1.0, 0.0)))
+            for fake in (True, False)]
 
 
 def check_exact(model, x, monkeypatch):
@@ -172,6 +178,22 @@ def test_the_cpp_executor_equals_the_python_one_bit_for_bit(dtype, arch, mode, o
         assert torch.equal(l1[key], l2[key]), key
     for (key, x), y in zip(a.state_dict().items(), b.state_dict().values()):
         assert torch.equal(x, y), key  # running averages updated alike
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("arch", list(ARCHS))
+@pytest.mark.parametrize("weight", [0.25, 0.0])
+@pytest.mark.parametrize("recon_as_fake", [True, False])
+def test_the_executors_agree_bit_for_bit_with_an_encoder_weight_of_the_feature_term(dtype, arch, weight,
+                                                                                   recon_as_fake, bf16_products):
+    model = ARCHS[arch]("native", gamma=0.3, pixel_weight=0.7, recon_as_fake=recon_as_fake,
+                        encoder_llike_weight=weight)
+    (g1, l1), (g2, l2), a, b = both_executors(model, batch_for(model, 5, torch.float32), dtype)
+    for net in g1:
+        for i, (x, y) in enumerate(zip(g1[net], g2[net])):
+            assert torch.equal(x, y), f"{net} parameter {i}"
+    assert all(torch.equal(l1[key], l2[key]) for key in l1)
 
 
 @needs_native

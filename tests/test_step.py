@@ -15,6 +15,10 @@ SIZES = dict(input_dim=21, latent_dim=4, encoder_hidden=(13, 9), decoder_hidden=
 
 OPTIONS = [dict(zip(("gamma", "pixel_weight", "recon_as_fake", "saturating", "feature_layer"), values))
            for values in itertools.product((1.0, 0.3), (0.0, 0.7), (True, False), (False, True), (-1, 0))]
+# The encoder's weight of the feature term away from 1 (and at 0: the encoder reads no U).
+OPTIONS += [dict(gamma=0.3, pixel_weight=pixel, recon_as_fake=fake, saturating=False, feature_layer=layer,
+                 encoder_llike_weight=weight)
+            for weight, pixel, fake, layer in itertools.product((0.1, 0.0), (0.0, 0.7), (True, False), (-1, 0))]
 
 
 def three_grad_and_routed(model, x):

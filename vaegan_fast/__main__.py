@@ -77,7 +77,8 @@ def image_size(text: str) -> tuple:
 
 
 def _model_options(args) -> dict:
-    options = {"gamma": args.gamma, "pixel_weight": args.pixel_weight, "recon_as_fake": args.recon_as_fake,
+    options = {"gamma": args.gamma, "encoder_llike_weight": args.encoder_llike_weight,
+               "pixel_weight": args.pixel_weight, "recon_as_fake": args.recon_as_fake,
                "saturating": args.saturating, "gating": args.gating, "feature_layer": args.feature_layer,
                "lr": args.lr, "backend": args.backend, "mode": args.mode, "precision": args.precision}
     return {k: v for k, v in options.items() if v is not None}
@@ -108,6 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default=None,
                    help="compute precision with fp32 master weights (default fp32; fp16 adds loss scaling)")
     t.add_argument("--gamma", type=finite_float(minimum=0), default=None)
+    t.add_argument("--encoder-llike-weight", type=finite_float(minimum=0), default=None,
+                   help="weight of the feature reconstruction in the encoder's loss (default: the preset's, 1.0)")
     t.add_argument("--pixel-weight", type=finite_float(minimum=0), default=None)
     t.add_argument("--recon-as-fake", action=argparse.BooleanOptionalAction, default=None)
     t.add_argument("--saturating", action=argparse.BooleanOptionalAction, default=None)

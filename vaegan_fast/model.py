@@ -6,8 +6,8 @@ One training step on a batch x (see shared docs/vaegan.md, the specification):
     kl    = mean kl                      llike = feature_recon_loss(D_l(x), D_l(x_rec))
     pixel = sum BCE(x, x_rec) / B        disc  = discriminator_loss(s(x), s(x_p) [, s(x_rec)])
     generator = generator_loss(s(x_p) [, s(x_rec)])
-and each network's loss combines them as vaegan_fast.step.plan.LOSSES says (encoder kl + llike +
-pixel_weight pixel, decoder gamma llike + generator + pixel_weight pixel, discriminator disc). Each network's
+and each network's loss combines them as vaegan_fast.step.plan.LOSSES says (encoder kl + encoder_llike_weight
+llike + pixel_weight pixel, decoder gamma llike + generator + pixel_weight pixel, discriminator disc). Each network's
 gradient comes from its own loss alone, all taken before any parameter changes, then each optimizer steps.
 The decoder decodes the prior samples first: with a batch norm in the decoder the two calls update its
 running averages in the order the training step's plan uses.
@@ -155,6 +155,7 @@ class Model(nn.Module):
                  encoder_hidden: Optional[Sequence[int]] = None, decoder_hidden: Optional[Sequence[int]] = None,
                  discriminator_hidden: Optional[Sequence[int]] = None, activation: Optional[str] = None,
                  negative_slope: Optional[float] = None, *, gamma: float = 1.0, pixel_weight: float = 1.0,
+                 encoder_llike_weight: float = 1.0,
                  recon_as_fake: bool = True, saturating: bool = False, gating: bool = False,
                  equilibrium: float = 0.68, margin: float = 0.35, feature_layer: int = -1,
                  feature_point: str = "output", optimizer: str = "adam", lr=2e-4, betas=(0.5, 0.999),
@@ -197,6 +198,7 @@ class Model(nn.Module):
         discriminator_hidden = _sizes("discriminator_hidden", mlp_args["discriminator_hidden"])
         activation = mlp_args["activation"]
         gamma, pixel_weight = _number("gamma", gamma, minimum=0), _number("pixel_weight", pixel_weight, minimum=0)
+        encoder_llike_weight = _number("encoder_llike_weight", encoder_llike_weight, minimum=0)
         margin, equilibrium = _number("margin", margin, minimum=0), _number("equilibrium", equilibrium)
         negative_slope = _number("negative_slope", mlp_args["negative_slope"])
         if isinstance(feature_layer, bool) or not isinstance(feature_layer, int):
@@ -226,6 +228,7 @@ class Model(nn.Module):
             encoder_hidden=encoder_hidden if mlp else None, decoder_hidden=decoder_hidden if mlp else None,
             discriminator_hidden=discriminator_hidden if mlp else None, activation=activation if mlp else None,
             negative_slope=negative_slope if mlp else None, gamma=gamma, pixel_weight=pixel_weight,
+            encoder_llike_weight=encoder_llike_weight,
             recon_as_fake=recon_as_fake, saturating=saturating, gating=gating, equilibrium=equilibrium,
             margin=margin, feature_layer=int(feature_layer), feature_point=feature_point, optimizer=optimizer,
             lr=lrs, betas=betas_per_net, backend=backend, check_inputs=check_inputs, seed=seed, mode=mode,

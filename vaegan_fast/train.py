@@ -34,9 +34,10 @@ GRID_SAMPLES, GRID_PAIRS = 64, 32
 # change mid-run: the optimizers' learning rate, the implementation that runs the step) or refuse.
 RESUME_APPLIES = ("lr", "backend")
 # The command-line flag of each model option, for messages.
-FLAGS = {"gamma": "--gamma", "pixel_weight": "--pixel-weight", "recon_as_fake": "--[no-]recon-as-fake",
-         "saturating": "--[no-]saturating", "gating": "--[no-]gating", "feature_layer": "--feature-layer",
-         "lr": "--lr", "backend": "--backend", "mode": "--mode", "precision": "--precision"}
+FLAGS = {"gamma": "--gamma", "encoder_llike_weight": "--encoder-llike-weight", "pixel_weight": "--pixel-weight",
+         "recon_as_fake": "--[no-]recon-as-fake", "saturating": "--[no-]saturating", "gating": "--[no-]gating",
+         "feature_layer": "--feature-layer", "lr": "--lr", "backend": "--backend", "mode": "--mode",
+         "precision": "--precision"}
 
 
 class NonFiniteLossError(RuntimeError):

@@ -52,6 +52,12 @@ def tl_name(dtype: torch.dtype) -> str:
     return _TL_NAME[dtype]
 
 
+def tl_dtype(dtype: torch.dtype):
+    """The Triton dtype of a torch dtype (the kernels' ELEM / DOT operands)."""
+    return {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16,
+            torch.float64: tl.float64}[dtype]
+
+
 def compute_dtype(dtype: torch.dtype):
     """Arithmetic is fp32 for fp32/fp16/bf16 and fp64 for fp64."""
     return tl.float64 if dtype == torch.float64 else tl.float32
@@ -86,15 +92,15 @@ class CompileSpec:
     meta: dict = field(default_factory=dict)
 
 
-from . import gan_losses, image_head, linear_act, reparam_kl  # noqa: E402
+from . import conv, gan_losses, image_head, linear_act, reparam_kl  # noqa: E402
 
 
 def all_compile_specs(default_only: bool = False) -> list[CompileSpec]:
     specs = []
-    for module in (reparam_kl, gan_losses, linear_act, image_head):
+    for module in (reparam_kl, gan_losses, linear_act, image_head, conv):
         specs.extend(s for s in module.configs() if s.default or not default_only)
     return specs
 
 
-__all__ = ["CompileSpec", "all_compile_specs", "check_tensors", "gan_losses", "image_head", "interpreting",
+__all__ = ["CompileSpec", "all_compile_specs", "check_tensors", "conv", "gan_losses", "image_head", "interpreting",
            "linear_act", "reparam_kl"]

@@ -38,7 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import CompileSpec, check_tensors, compute_dtype, interpreting, next_pow2, tl_name
+from . import CompileSpec, check_tensors, compute_dtype, interpreting, next_pow2, tl_dtype, tl_name
 from .gan_losses import _bf16_rne, _cast
 
 ACT_CODES = {"identity": 0, "relu": 1, "leaky_relu": 2, "tanh": 3, "sigmoid": 4, "gelu": 5}
@@ -383,8 +383,7 @@ def _unit_inner(t: torch.Tensor) -> torch.Tensor:
 
 def _operand_types(dtype: torch.dtype, allow_tf32: bool):
     """(COMPUTE, ELEM, DOT, PRECISION) for tensors of ``dtype``."""
-    elem = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16,
-            torch.float64: tl.float64}[dtype]
+    elem = tl_dtype(dtype)
     comp = compute_dtype(dtype)
     # The interpreter's bf16 is raw uint16: upcast the operands (exact) and multiply in COMPUTE.
     dot = comp if interpreting() else elem
@@ -461,10 +460,8 @@ def configs() -> list[CompileSpec]:
     exactly the variants that get compiled; pointers are listed 16-byte aligned (fresh allocations), as the
     JIT marks them. The default (what CI compiles) is the bf16 large relu forward and backward."""
     specs = []
-    tl_types = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16,
-                torch.float64: tl.float64}
     for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
-        t, elem = tl_name(dtype), tl_types[dtype]
+        t, elem = tl_name(dtype), tl_dtype(dtype)
         comp = tl.float64 if dtype == torch.float64 else tl.float32
         precisions = ("ieee", "tf32") if dtype == torch.float32 else ("ieee",)
         for precision in precisions:

@@ -7,7 +7,7 @@ native and Triton backends (``native.py``, ``triton.py``):
     reparam_kl/    reparameterization + KL             kernels/cpu/reparam_kl.cpp, kernels/triton/reparam_kl.py
     gan_losses/    the GAN and feature losses          kernels/cpu/gan_losses.cpp, kernels/triton/gan_losses.py
     layer/         linear_act, the conv/dense layer    kernels/cpu/linear_act.cpp, fused_layer.cpp, plan_step.cpp;
-                                                       kernels/triton/linear_act.py
+                                                       kernels/triton/linear_act.py, conv.py
     image_head/    the training step's image head      kernels/cpu/image_head.cpp, kernels/triton/image_head.py
 
 The backends' libraries load in ``_native_lib.py`` and ``_triton_lib.py``; ``_dispatch.py`` picks the
@@ -56,8 +56,7 @@ def backend_info() -> dict:
     """What the CPU backend runs on, and why: the native library's ISA ("generic", "avx2", "avx512"; None when
     the native backend did not load, with ``native_error``), the bf16 product path ("bf16": products on bf16
     operands through oneDNN, fp32 accumulation; "fp32": operands upcast) and the reasons for both, next to
-    what torch reports about the CPU; for the triton backend, why it did not load or which layers it runs on the
-reference path. The choices are made when vaegan_fast is imported (environment:
+    what torch reports about the CPU; for the triton backend, why it did not load. The choices are made when vaegan_fast is imported (environment:
     VAEGAN_FAST_ARCH, VAEGAN_FAST_BF16_PRODUCTS; see vaegan_fast/ops/_native_lib.py)."""
     import sys
 
@@ -70,11 +69,7 @@ reference path. The choices are made when vaegan_fast is imported (environment:
             "amx": bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()),
             "isa": None, "isa_reason": None, "library": None, "cpu_isas": None, "bf16_products": None,
             "bf16_reason": None, "native_error": None,
-            "triton_error": d._load_errors.get("triton"), "triton_on_reference": None}
-    if sys.modules.get(__name__ + ".layer.triton") is not None:
-        from .layer.triton import ON_REFERENCE
-
-        info["triton_on_reference"] = ON_REFERENCE
+            "triton_error": d._load_errors.get("triton")}
     lib = sys.modules.get(__name__ + "._native_lib")
     if lib is None or "native" in d._load_errors:
         info["native_error"] = d._load_errors.get("native", "the native backend did not load")

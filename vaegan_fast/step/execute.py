@@ -22,7 +22,8 @@ same order). What each op does, slots named by position in ``ins`` / ``outs``:
                                     it forms (d0, d1; -1 -1: none)); floats (the joined seed's coefficient);
                                     weight gradients go to the network's gradient list
     image_head_backward(images, x, g, u [, scale]) -> (dec_up, enc_up)   ints (g has reconstruction rows, u
-                                    has prior rows, scaled); floats (gamma, pixel factor)
+                                    has prior rows, scaled); floats (the decoder's coefficient of u: gamma
+                                    over the encoder's weight of the feature term, which u carries; pixel factor)
     sigmoid_backward(s, g) -> g s (1 - s)     pixel_grad(s, x [, scale]) -> (s - x) factor [scale]
     reparam_backward(mu, logvar, eps, dz, kl [, scale]) -> (d mu, d logvar) with d kl = c (times the scale)
     clamp_backward(d, raw) -> d where lo <= raw <= hi, else 0      cat_cols(a, b)    scale(t, s) -> t s

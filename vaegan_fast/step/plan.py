@@ -11,7 +11,9 @@ it out over the backend's kernels. Rows:
     discriminator  [x; x_p; x_rec]  (3B rows, one batch-norm group: the three share statistics)
       D  dL_D/ds over the rows L_D reads ([x; x_p (; x_rec)]), top to bottom, weight gradients
       G  dL_G/ds over the fake rows, input gradients only
-      U  dL_llike/dD_l at the feature tap, input gradients only (encoder and decoder share it)
+      U  dL_llike/dD_l at the feature tap, input gradients only (encoder and decoder share it: its seed carries
+         the encoder's weight of the term, the decoder reads it times gamma / that weight; or, when the
+         decoder's share rides on G, U is the encoder's alone)
     decoder        [z_p; z]         (2B rows, two groups: a norm normalises each over its own rows, as two
                                      separate calls of the decoder would)
       Dd the decoder's upstream over both groups, weight gradients;  E the encoder's over the z rows
@@ -44,7 +46,7 @@ X, EPS, Z_PRIOR, LOSS_SCALE = 0, 1, 2, 3
 # Each network's loss: (term, weight), the weight a number or the name of the option that holds it. The
 # terms: kl (mean KL to the prior), llike (feature reconstruction), pixel (pixel BCE), generator, disc.
 LOSSES = {
-    "vaegan": {"encoder": (("kl", 1.0), ("llike", 1.0), ("pixel", "pixel_weight")),
+    "vaegan": {"encoder": (("kl", 1.0), ("llike", "encoder_llike_weight"), ("pixel", "pixel_weight")),
                "decoder": (("llike", "gamma"), ("generator", 1.0), ("pixel", "pixel_weight")),
                "discriminator": (("disc", 1.0),)},
     "vae": {"encoder": (("kl", 1.0), ("pixel", "pixel_weight")), "decoder": (("pixel", "pixel_weight"),)},
@@ -291,30 +293,43 @@ def build_plan(specs: dict, tap: tuple, config: dict, mode: str, batch: int, com
             # With a coupling layer at or below the tap, the real rows' features depend on the fakes too:
             # the seed covers [x; x_p; x_rec] (zeros on x_p), else the reconstruction rows alone.
             u_full = _couples_at_or_below(dis_specs, tap_layer, pre)
-            u_seed = seeded(plan.one("u_seed", (grad_real,), ints=(int(u_full),)))
+            u_rows_seed = (0, 3 * B) if u_full else (2 * B, 3 * B)
+            # The decoder's share of the feature term, gamma U, can ride on G from the tap down when G covers
+            # those rows there anyway (reconstructions as fakes, or a coupling layer): one stream less through
+            # the lower layers for the decoder, and U then runs for the encoder's reconstruction rows alone.
+            g_rows_at_tap = stream_rows(dis_specs, top, (B, fakes_end), dis_rows, False, False, (B, dis_rows))[0][
+                tap_layer]
+            gamma, enc_llike = weights["decoder"]["llike"], weights["encoder"]["llike"]
+            # The image head's backward hands the encoder U times 1 and the decoder U times a coefficient. With
+            # the encoder's weight w of the feature term (encoder_llike_weight), U's seed is the encoder's (w
+            # times the term's gradient) and the decoder reads it times gamma / w; joined, G carries the
+            # decoder's gamma times the unweighted seed. With w = 0 the encoder reads no U (its upstream is the
+            # pixel term alone) and U is the decoder's: no join then.
+            join = (enc_llike > 0 and not pre and g_rows_at_tap[0] <= u_rows_seed[0]
+                    and u_rows_seed[1] <= g_rows_at_tap[1])
+            u_seed = u_enc = None
+            if join or enc_llike in (0.0, 1.0):
+                u_seed = u_enc = seeded(plan.one("u_seed", (grad_real,), ints=(int(u_full),)))
+            if enc_llike not in (0.0, 1.0):
+                weighted = plan.one("combine", (grad_real,), floats=(enc_llike,))
+                u_enc = seeded(plan.one("u_seed", (weighted,), ints=(int(u_full),)))
         # ---- discriminator streams
         # The decoder needs the discriminator's input gradients on the image rows alone: [x_p (; x_rec)].
         images_rows = (B, dis_rows)
         backward("D", DISCRIMINATOR, seeded(d_seed), (0, fakes_end), top, dis_rows, True)
         if mode == "vaegan":
-            u_rows_seed = (0, 3 * B) if u_full else (2 * B, 3 * B)
-            # The decoder's share of the feature term, gamma U, can ride on G from the tap down when G covers
-            # those rows there anyway (reconstructions as fakes, or a coupling layer): one stream less through
-            # the lower layers for the decoder, and U then runs for the encoder's reconstruction rows alone.
-            g_rows_at_tap = stream_rows(dis_specs, top, (B, fakes_end), dis_rows, False, False, images_rows)[0][
-                tap_layer]
-            join = (not pre and g_rows_at_tap[0] <= u_rows_seed[0] and u_rows_seed[1] <= g_rows_at_tap[1])
-            gamma = weights["decoder"]["llike"]
-            if join:
+            if join:  # the decoder's gamma U on G from the tap down; U for the encoder's rows alone
                 g_dx, g_rows = backward("G+U", DISCRIMINATOR, seeded(g_seed), (B, fakes_end), top, dis_rows, False,
                                         images_rows, join=(u_seed, tap_layer, u_rows_seed, gamma))
-                u_dx, u_rows = backward("U", DISCRIMINATOR, u_seed, u_rows_seed, tap_layer, dis_rows, False,
+                u_dx, u_rows = backward("U", DISCRIMINATOR, u_enc, u_rows_seed, tap_layer, dis_rows, False,
                                         (2 * B, 3 * B), entry_pre_norm=pre)
+                dec_u = 0.0
             else:
                 g_dx, g_rows = backward("G", DISCRIMINATOR, seeded(g_seed), (B, fakes_end), top, dis_rows, False,
                                         images_rows)
-                u_dx, u_rows = backward("U", DISCRIMINATOR, u_seed, u_rows_seed, tap_layer, dis_rows, False,
+                u_dx, u_rows = backward("U", DISCRIMINATOR, u_enc, u_rows_seed, tap_layer, dis_rows, False,
                                         images_rows, entry_pre_norm=pre)
+                dec_u = gamma / enc_llike if enc_llike > 0 else gamma
             # Through the sigmoid into the decoder's logits ([prior; reconstruction]), with the pixel term.
             g_img = plan.one("rows", (g_dx,), ints=(B - g_rows[0], g_rows[1] - g_rows[0]))
             u_img = plan.one("rows", (u_dx,), ints=(max(B, u_rows[0]) - u_rows[0], u_rows[1] - u_rows[0]))
@@ -323,7 +338,11 @@ def build_plan(specs: dict, tap: tuple, config: dict, mode: str, batch: int, com
             dec_up, enc_up = plan.emit(
                 "image_head_backward", (images, X, g_img, u_img, *((LOSS_SCALE,) if scale_seeds else ())), 2,
                 ints=(int(g_has_rec), int(u_has_prior), int(scale_seeds)),
-                floats=(0.0 if join else gamma, pixel_weight / B))
+                floats=(dec_u, pixel_weight / B))
+            if enc_llike == 0:  # the encoder's upstream without U: the pixel term's gradient alone
+                rec = plan.one("rows", (images,), ints=(B, 2 * B))
+                enc_up = plan.one("pixel_grad", (rec, X, *((LOSS_SCALE,) if scale_seeds else ())),
+                                  ints=(int(scale_seeds),), floats=(pixel_weight / B,))
         else:
             g_dx, g_rows = backward("G", DISCRIMINATOR, seeded(g_seed), (B, fakes_end), top, dis_rows, False,
                                     images_rows)

@@ -21,8 +21,9 @@ and layer_backward(spec, params, cache, dy, r0, r1, groups, entry_pre_norm, need
 
 Implementations: reference.py; native.py (kernels/cpu/linear_act.cpp for dense layers without a norm,
 kernels/cpu/fused_layer.cpp for the others, kernels/cpu/plan_step.cpp for a whole step plan); triton.py
-(kernels/triton/linear_act.py for dense layers without a norm, the reference for the others). Tests:
-tests/test_layer.py, tests/test_ops_reference.py, tests/test_native_ops.py, tests/test_triton_linear_act.py.
+(kernels/triton/linear_act.py for dense layers without a norm, kernels/triton/conv.py for the others). Tests:
+tests/test_layer.py, tests/test_ops_reference.py, tests/test_native_ops.py, tests/test_triton_linear_act.py,
+tests/test_triton_conv.py.
 """
 from __future__ import annotations
 
