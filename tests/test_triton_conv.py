@@ -44,7 +44,7 @@ def _pair(v):
     return tuple(v) if isinstance(v, tuple) else (v, v)
 
 
-def _make(case, dtype, norm: bool, bias: bool, layout: str, batch: int):
+def _make(case, norm: bool, bias: bool, layout: str, batch: int):
     """(x, weight, bias, nn.BatchNorm2d or None), fresh random, in fp32 (cast per run)."""
     kind, cin, cout, k, s, p, op, shape = case
     kh, kw = _pair(k)
@@ -98,7 +98,7 @@ def compare(case, dtype, norm=False, training=True, activation="leaky_relu", slo
     # A bias before a batch norm in training mode has a gradient of exactly zero analytically (all rounding):
     # by default only the layers without one (or in eval mode) have a bias.
     bias = (not norm or not training) if bias is None else bias
-    x, w, b, bn = _make(case, dtype, norm, bias, layout, batch)
+    x, w, b, bn = _make(case, norm, bias, layout, batch)
     args = (x, w, b, bn, training, activation, slope)
     grad = torch.randn_like(_run(case, "reference", torch.float64, *args, None))
     truth = _run(case, "reference", torch.float64, *args, grad)
@@ -152,14 +152,14 @@ def test_strided_inputs(case, layout):
 def test_one_sample_and_a_bias_before_a_norm():
     compare(CASES[9], torch.float32, norm=False, batch=1)
     # before a norm in training mode the bias's gradient is zero analytically: what is left is rounding
-    x, w, b, bn = _make(CASES[4], torch.float32, True, True, "contiguous", 2)
+    x, w, b, bn = _make(CASES[4], True, True, "contiguous", 2)
     _, (dx, dw, db, dgamma, dbeta), _ = _run(CASES[4], "triton", torch.float32, x, w, b, bn, True, "relu", 0.2,
                                              torch.randn(2, 20, 16, 16, device=DEVICE))
     assert db.abs().max() <= 1e-5 * dbeta.abs().max()
 
 
 def test_outputs_are_channels_last():
-    x, w, b, _ = _make(CASES[1], torch.float32, False, True, "contiguous", 2)
+    x, w, b, _ = _make(CASES[1], False, True, "contiguous", 2)
     y = ops.conv2d_act(x, w, b, "relu", stride=2, padding=1, backend="triton")
     assert y.is_contiguous(memory_format=torch.channels_last)
 
@@ -173,7 +173,7 @@ TINY = [("conv_transpose2d", 2, 3, 3, 2, 1, 1, (2, 3, 2)), ("conv_transpose2d", 
 @pytest.mark.parametrize("case", TINY, ids=case_id)
 def test_gradcheck_in_fp64(case, training):
     kind, cin, cout, k, s, p, op, shape = case
-    x, w, b, bn = _make(case, torch.float64, True, True, "contiguous", 3)
+    x, w, b, bn = _make(case, True, True, "contiguous", 3)
     x, w, b = (t.double().requires_grad_(True) for t in (x, w, b))
     bn = bn.double().train(training)
     gamma, beta = (t.detach().clone().requires_grad_(True) for t in (bn.weight, bn.bias))
@@ -215,7 +215,7 @@ def _op_args(case, training, norm):
     kind, cin, cout, k, s, p, op, shape = case
     from vaegan_fast.ops.layer import _conv_spec
     from vaegan_fast.ops.layer.triton import _spec_args
-    x, w, b, bn = _make(case, torch.float32, norm, True, "contiguous", 3)
+    x, w, b, bn = _make(case, norm, True, "contiguous", 3)
     spec = _conv_spec(kind, x, w, b, "leaky_relu", s, p, op, 0.2, bn)
     extra = (bn.weight, bn.bias, bn.running_mean, bn.running_var) if norm else (None,) * 4
     return spec, x.requires_grad_(True), w.requires_grad_(True), b.requires_grad_(True), extra, \
@@ -238,7 +238,7 @@ def test_opcheck(norm, training):
 
 
 def test_autocast_runs_in_low_precision():
-    x, w, b, _ = _make(CASES[1], torch.float32, False, True, "contiguous", 2)
+    x, w, b, _ = _make(CASES[1], False, True, "contiguous", 2)
     with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
         got = ops.conv2d_act(x, w, b, "relu", stride=2, padding=1, backend="triton")
         want = ops.conv2d_act(x, w, b, "relu", stride=2, padding=1, backend="reference")

@@ -428,7 +428,7 @@ def norm_backward_kernel(
     sums_ptr,  # [G, 2, C] sums of dh and dh xhat (read in training mode)
     da_ptr,  # [M, C] output: the gradient at a
     M, R, C,
-    count,  # rows x positions per group and channel (n of the formula)
+    count,  # R as a float, the n of the formula (computed from R here, the fp32 tile spilled under triton 3.6)
     slope,
     ACT: tl.constexpr,
     MODE: tl.constexpr,  # 0: no norm (da = dh), 1: eval-mode norm, 2: training-mode norm

@@ -9,19 +9,19 @@ the module's state), by the reference's ``update_running``.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from .. import _dispatch
 from .._autocast import cast_under_autocast
 from .._triton_lib import _check_dtypes, kernels
-from ..activations import apply_activation, saves_preactivation
+from ..activations import saves_preactivation
 from .common import LayerCache, acc_dtype, plain_dense
-from .reference import product_reference, update_running
+from .reference import layer_act_reference, update_running
 
 K_LINEAR = kernels.linear_act
 K_CONV = kernels.conv
@@ -239,18 +239,21 @@ def layer_tensors_backward(spec, x: Tensor, weight: Tensor, has_bias: bool, gamm
 
 
 @dataclass
-class _Running:
-    """The running averages update_running moves (num_batches_tracked is the module's business here)."""
-    running_mean: Tensor
-    running_var: Tensor
+class _Norm:
+    """A batch norm's tensors as the reference's norm_act and update_running read them (num_batches_tracked is
+    the module's business here)."""
+    running_mean: Optional[Tensor]
+    running_var: Optional[Tensor]
+    weight: Optional[Tensor] = None
+    bias: Optional[Tensor] = None
+    eps: float = 1e-5
+    momentum: float = 0.0
     num_batches_tracked: Optional[Tensor] = None
 
 
 def _count(spec, rows: int) -> int:
-    positions = 1
-    for d in spec.out_shape[1:]:
-        positions *= d
-    return rows * positions
+    """Values per channel and group a norm reduces over: rows x output positions."""
+    return rows * math.prod(spec.out_shape[1:])
 
 
 @_dispatch.register("layer_forward", "triton")
@@ -376,16 +379,6 @@ def _fused_setup(ctx, inputs, output):
     ctx.save_for_backward(x, weight, bias, gamma, beta, running_mean, running_var, *output[1:5])
 
 
-def _differentiable(spec, x, weight, bias, gamma, beta, running_mean, running_var, training: bool) -> Tensor:
-    """The layer in differentiable PyTorch without touching the running averages (for double backward)."""
-    h = product_reference(spec, x, weight, bias)
-    if spec.norm:
-        acc = acc_dtype(h.dtype)
-        stats = (None, None) if training else (running_mean.to(acc), running_var.to(acc))
-        h = F.batch_norm(h.to(acc), *stats, gamma.to(acc), beta.to(acc), training, 0.0, spec.eps).to(h.dtype)
-    return apply_activation(h, spec.activation, spec.negative_slope)
-
-
 def _fused_backward(ctx, dy, *_):
     x, weight, bias, gamma, beta, running_mean, running_var, a, kept, mean, rstd = ctx.saved_tensors
     spec_args, training = ctx.static[:-1], ctx.static[-1]
@@ -397,7 +390,12 @@ def _fused_backward(ctx, dy, *_):
         # The saved tensors themselves (not detached copies), so the result stays a function of the inputs.
         ins = (x, weight, bias, gamma, beta)
         wanted = [t is not None and n and t.requires_grad for t, n in zip(ins, need[:5])]
-        y = _differentiable(spec, *ins, running_mean, running_var, training)
+        norm = None
+        if spec.norm:  # the reference's norm; in training mode on scratch running averages (it moves them)
+            stats = (running_mean, running_var) if not training else (torch.zeros_like(mean[0]),
+                                                                      torch.ones_like(mean[0]))
+            norm = _Norm(*stats, weight=gamma, bias=beta, eps=spec.eps)
+        y = layer_act_reference(spec, x, weight, bias, norm, training)
         grads = iter(torch.autograd.grad(y, [t for t, w in zip(ins, wanted) if w], dy, create_graph=True,
                                          allow_unused=True, materialize_grads=True))
         return (*[next(grads) if w else None for w in wanted], *nones)
@@ -422,6 +420,6 @@ def layer_act_triton(spec, x, weight, bias, norm, training: bool):
     y, _, _, mean, _, var = fused_layer_op(x, weight, bias, *args, *_spec_args(spec), bool(training))
     if norm is not None and training:
         with torch.no_grad():
-            update_running(_Running(norm.running_mean, norm.running_var), spec, mean, var,
+            update_running(_Norm(norm.running_mean, norm.running_var), spec, mean, var,
                            _count(spec, x.shape[0]))
     return y
