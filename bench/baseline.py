@@ -3,9 +3,10 @@
 The same networks as the model's, in plain torch.nn (nn.Linear / nn.Conv2d / nn.ConvTranspose2d, nn.BatchNorm,
 nn.LeakyReLU / nn.ReLU, ...), F.softplus losses, three torch.autograd.grad calls (one per network's loss) and
 three torch.optim.Adam optimizers. It is deliberately independent of vaegan_fast's step code, so that work on
-the model's own step is always measured against the same fixed work. Its configuration is
-vaegan_fast.BASELINE_OPTIONS: gamma 1, no pixel term, reconstructions count as fakes, non-saturating generator
-loss, no gating, the preset's feature layer, Adam lr 2e-4 and betas (0.5, 0.999).
+the model's own step is always measured against the same fixed work. Its loss options are the model's it
+mirrors (gamma, the pixel term's and the encoder's feature-term weights, reconstructions as fakes, the
+saturating generator loss, the equilibrium gate, the feature layer, Adam's lr and betas per network): bench/e2e.py
+builds that model in vaegan_fast.BASELINE_OPTIONS for the MLP presets and in the conv presets' own defaults.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vaegan_fast import BASELINE_OPTIONS, Model
+from vaegan_fast import Model
 from vaegan_fast.nn import LOGVAR_MAX, LOGVAR_MIN
 
 _ACTIVATIONS = {"identity": lambda s: nn.Identity(), "relu": lambda s: nn.ReLU(), "tanh": lambda s: nn.Tanh(),
@@ -63,9 +64,11 @@ class EagerVAEGAN(nn.Module):
         self.decoder = plain_network(model.decoder.net)
         self.discriminator = plain_network(model.discriminator.net)
         self.tap = model.discriminator.tap
-        opt = dict(lr=BASELINE_OPTIONS["lr"], betas=BASELINE_OPTIONS["betas"])
+        self.config = {k: model.config[k] for k in ("gamma", "pixel_weight", "encoder_llike_weight", "recon_as_fake",
+                                                     "saturating", "gating", "equilibrium", "margin")}
         self.params = [list(m.parameters()) for m in (self.encoder, self.decoder, self.discriminator)]
-        self.optimizers = [torch.optim.Adam(p, **opt) for p in self.params]
+        self.optimizers = [torch.optim.Adam(p, lr=model.config["lr"][net], betas=model.config["betas"][net])
+                           for p, net in zip(self.params, ("encoder", "decoder", "discriminator"))]
         self.to(model.device, model.dtype)
         self.generator = copy.deepcopy(model._rng())
 
@@ -89,6 +92,19 @@ class EagerVAEGAN(nn.Module):
                     features = x
         return x.reshape(-1), features
 
+    @torch.compiler.disable  # a host decision: torch.compile breaks its graph here either way, this way silently
+    def _gate(self, s_real, s_p) -> tuple:
+        """(train encoder, decoder, discriminator): Larsen's equilibrium rests a network winning or losing by
+        too much (the rule of vaegan_fast.Model.gate_decisions)."""
+        cfg = self.config
+        d_real, d_fake = F.softplus(-s_real).mean().item(), F.softplus(s_p).mean().item()
+        low, high = cfg["equilibrium"] - cfg["margin"], cfg["equilibrium"] + cfg["margin"]
+        train_dec = not (d_real > high or d_fake > high)
+        train_disc = not (d_real < low or d_fake < low)
+        if not (train_dec or train_disc):
+            train_dec = train_disc = True
+        return True, train_dec, train_disc
+
     def step(self, x: torch.Tensor):
         """One update of all three networks; returns the three losses (detached)."""
         batch = x.shape[0]
@@ -102,25 +118,38 @@ class EagerVAEGAN(nn.Module):
         kl = 0.5 * (mu.pow(2) + logvar.exp() - logvar - 1).sum(1).mean()
         z_p = torch.randn(z.shape, generator=self.generator, device=x.device, dtype=x.dtype)
 
-        def decode(z):
+        def decode(z):  # logits
             for layer in self.decoder:
                 z = layer(z)
-            return torch.sigmoid(z)
+            return z
 
-        x_p = decode(z_p)  # the prior first, as vaegan_fast.Model does (a batch norm's running averages)
-        x_rec = decode(z)
+        cfg = self.config
+        x_p = torch.sigmoid(decode(z_p))  # the prior first, as Model does (a batch norm's running averages)
+        rec_logits = decode(z)
+        x_rec = torch.sigmoid(rec_logits)
         logits, features = self._discriminate(torch.cat([x, x_rec, x_p]))
         s_real, s_rec, s_p = logits.split(batch)
         f_real, f_rec, _ = features.split(batch)
         llike = 0.5 * (f_real - f_rec).pow(2).reshape(batch, -1).sum(1).mean()
-        loss_d = F.softplus(-s_real).mean() + F.softplus(s_p).mean() + F.softplus(s_rec).mean()
-        loss_g = F.softplus(-s_p).mean() + F.softplus(-s_rec).mean()
-        loss_enc = kl + llike
-        loss_dec = BASELINE_OPTIONS["gamma"] * llike + loss_g
+        fakes = [s_p, s_rec] if cfg["recon_as_fake"] else [s_p]
+        loss_d = F.softplus(-s_real).mean() + sum(F.softplus(s).mean() for s in fakes)
+        if cfg["saturating"]:  # minimise log(1 - D(fake))
+            loss_g = -sum(F.softplus(s).mean() for s in fakes)
+        else:
+            loss_g = sum(F.softplus(-s).mean() for s in fakes)
+        loss_enc = kl + cfg["encoder_llike_weight"] * llike
+        loss_dec = cfg["gamma"] * llike + loss_g
+        if cfg["pixel_weight"] > 0:
+            pixel = F.binary_cross_entropy_with_logits(rec_logits, x, reduction="sum") / batch
+            loss_enc = loss_enc + cfg["pixel_weight"] * pixel
+            loss_dec = loss_dec + cfg["pixel_weight"] * pixel
         grads = [torch.autograd.grad(loss_enc, self.params[0], retain_graph=True),
                  torch.autograd.grad(loss_dec, self.params[1], retain_graph=True),
                  torch.autograd.grad(loss_d, self.params[2])]
-        for params, g, opt in zip(self.params, grads, self.optimizers):
+        train = self._gate(s_real, s_p) if cfg["gating"] else (True, True, True)
+        for params, g, opt, trained in zip(self.params, grads, self.optimizers, train):
+            if not trained:
+                continue
             for p, gi in zip(params, g):
                 p.grad = gi
             opt.step()

@@ -1,6 +1,8 @@
 """End-to-end benchmark: one VAE-GAN training step of each preset, in samples per second.
 
-Providers, all running the baseline's configuration (vaegan_fast.BASELINE_OPTIONS) from the same weights:
+Providers, all running one configuration from the same weights: vaegan_fast.BASELINE_OPTIONS for the MLP
+presets (the configuration of every figure since the first benchmark), each conv preset's own defaults (what
+its users train, and what the conv issue's speed target names: gamma 0.01, the pixel term, the gate):
 - "eager": bench/baseline.py, the straightforward step a user would write (the yardstick);
 - "compile": torch.compile of that step (default mode), with torch._dynamo.config.trace_autograd_ops set
   where the running torch has it, so its three autograd.grad calls land in one graph instead of breaking it
@@ -24,7 +26,7 @@ import time
 import torch
 
 from baseline import EagerVAEGAN
-from vaegan_fast import BASELINE_OPTIONS, Model, RECOMMENDED_BATCH
+from vaegan_fast import BASELINE_OPTIONS, PRESETS, Model, RECOMMENDED_BATCH
 from vaegan_fast.data import load_dataset
 
 LOSS_RTOL = 1e-4  # fp32 losses of the same math, summed in different orders
@@ -233,6 +235,7 @@ def presets_for(names, gpu: bool) -> list:
 
 def make_model(preset: str, device, **options) -> Model:
     options = {"check_inputs": False, "backend": "reference", "seed": 0, **options}
-    model = Model.preset(preset, **BASELINE_OPTIONS, **options).to(device)
+    timed_in = BASELINE_OPTIONS if PRESETS[preset]["architecture"] == "mlp" else {}
+    model = Model.preset(preset, **{**timed_in, **options}).to(device)
     model.preset_name = preset
     return model

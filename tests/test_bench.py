@@ -4,6 +4,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
@@ -50,3 +51,33 @@ def test_run_writes_json_and_markdown_with_every_field(tmp_path):
     assert "| preset |" in out.with_suffix(".md").read_text()
     for chart in ("r-e2e.png", "r-kernels.png"):
         assert (tmp_path / chart).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("options", [
+    dict(),  # the conv preset's defaults: gamma 0.01, the pixel term, the gate
+    dict(recon_as_fake=False, saturating=True, encoder_llike_weight=0.5, gating=False),
+    dict(equilibrium=5.0, margin=0.0),  # the gate rests the discriminator
+    dict(equilibrium=-5.0, margin=0.0),  # the gate rests the decoder
+])
+def test_the_eager_yardstick_trains_as_the_model_does(options):
+    """bench/baseline.py follows the model's loss options: same losses, same weights after two steps (in fp64:
+    Adam's first steps are about lr times the gradient's sign, which fp32 rounding flips where a gradient is
+    near zero)."""
+    import e2e
+    model = e2e.make_model("conv", "cpu", seed=3, **options).to(torch.float64)
+    eager = e2e.EagerVAEGAN.like(model)
+    x = torch.rand(4, 1, 28, 28, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    for _ in range(2):
+        got = eager.step(x)
+        stats = model.train_step(x)
+        want = (stats["encoder_loss"], stats["decoder_loss"], stats["discriminator_loss"])
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, rtol=1e-10, atol=0)
+    for net, plain in (("encoder", eager.encoder), ("decoder", eager.decoder), ("discriminator", eager.discriminator)):
+        for p, q in zip(model.parameters_of(net), plain.parameters()):
+            torch.testing.assert_close(p, q, rtol=1e-9, atol=1e-12)
+    skips = model.gate_skips.tolist()
+    if options.get("equilibrium") == 5.0:
+        assert skips == [2, 0]
+    if options.get("equilibrium") == -5.0:
+        assert skips == [0, 2]

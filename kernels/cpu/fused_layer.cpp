@@ -32,9 +32,6 @@
 
 #include <ATen/record_function.h>
 #include <ATen/ops/addmm.h>
-#include <ATen/ops/col2im.h>
-#include <ATen/ops/im2col.h>
-#include <ATen/ops/matmul.h>
 #include <ATen/ops/convolution.h>
 #include <ATen/ops/convolution_backward.h>
 #include <ATen/ops/zeros.h>
@@ -251,8 +248,8 @@ int64_t matrix_rows(const at::Tensor& t) { return t.numel() / t.size(1); }
 // ---- convolutions with few channels on one side, as column GEMMs ---------------------------------------
 // oneDNN runs a convolution whose input (conv2d) or output (conv_transpose2d) has one to a few channels at
 // a small fraction of its usual rate (measured: docs/performance.md), and returns such images in a layout
-// that costs a transposing copy. There the product goes through ATen's im2col / col2im (unfold / fold) and
-// one GEMM whose output rows are the channels-last matrix itself.
+// that costs a transposing copy. There the product is one GEMM over window rows (gathered below, or scattered
+// by its adjoint) whose output rows are the channels-last matrix itself.
 constexpr int64_t kColumnChannels = 4;
 
 bool column_path(int64_t kind, const at::Tensor& weight) {
@@ -262,33 +259,116 @@ bool column_path(int64_t kind, const at::Tensor& weight) {
 }
 
 // The dtype the layer's product runs in (common.h's product_dtype), except that a column-path product keeps
-// bf16 operands upcast on either path: those products are small and bound by their bytes, not their
-// multiply-adds, and their weight gradient sums per-sample partial products, which bf16 would round once per
-// sample instead of once.
+// bf16 operands upcast on either path: those products are small and bound by their bytes (kh kw window values
+// per few channels), not their multiply-adds, and the window rows are gathered and scattered in fp32.
 at::ScalarType layer_product_dtype(at::ScalarType dtype, int64_t kind, const at::Tensor& weight) {
   if (dtype == at::kBFloat16 && column_path(kind, weight)) return at::kFloat;
   return product_dtype(dtype);
 }
 
-// [N, C, H, W] (any layout) as im2col columns [N, C kh kw, L] (one at::im2col call with the samples as channels:
-// its own loop over the samples cost more than the copy at these sizes).
-at::Tensor unfold_cols(const at::Tensor& x, at::IntArrayRef kernel, at::IntArrayRef stride, at::IntArrayRef padding) {
-  const int64_t n = x.size(0);
-  at::Tensor cols = at::im2col(x.contiguous().view({1, n * x.size(1), x.size(2), x.size(3)}), kernel, {1, 1}, padding,
-                               stride);
-  return cols.view({n, -1, cols.size(2)});
+// ---- window rows: the column path's gather and its adjoint ----------------------------------------------
+// A window grid [OH, OW] over a channels-last image [N, H, W, C]: grid point (oh, ow) reads the kh x kw pixels at
+// (oh sh - ph + i, ow sw - pw + j). Its row of the [N OH OW, kh kw C] matrix holds them in (i, j, c) order, so a
+// window row's kw C values at one i are one contiguous run of the image when the window lies inside it. A
+// convolution's rows are its output pixels; a transposed convolution's are its input pixels (the pixels that
+// input pixel's kernel reaches in the output). One task per sample; the adjoint sums each pixel's entries in a
+// fixed order: the same bits with any thread count. Column-path products run in fp32 or fp64 on either bf16
+// path (layer_product_dtype), so these sum in their own dtype.
+struct Windows {
+  int64_t N, H, W, C, OH, OW, kh, kw, sh, sw, ph, pw;
+  int64_t width() const { return kh * kw * C; }
+};
+
+Windows windows_of(const at::Tensor& image, int64_t oh, int64_t ow, at::IntArrayRef kernel, at::IntArrayRef stride,
+                   at::IntArrayRef padding) {
+  return {image.size(0), image.size(2), image.size(3), image.size(1), oh, ow, kernel[0], kernel[1],
+          stride[0],     stride[1],     padding[0],    padding[1]};
 }
 
-// columns [N, C kh kw, L] summed back into [N, C, H, W] (col2im, the samples as channels: one call).
-at::Tensor fold_cols(const at::Tensor& cols, at::IntArrayRef out_hw, at::IntArrayRef kernel, at::IntArrayRef stride,
-                     at::IntArrayRef padding) {
-  const int64_t n = cols.size(0), channels = cols.size(1) / (kernel[0] * kernel[1]);
-  return at::col2im(cols.contiguous().view({1, n * cols.size(1), cols.size(2)}), out_hw, kernel, {1, 1}, padding,
-                    stride)
-      .view({n, channels, out_hw[0], out_hw[1]});
+template <typename T>
+void windows_gather_kernel(const T* image, T* rows, const Windows g) {
+  for_tasks(g.N, [&](int64_t n) {
+    const Windows d = g;  // locals: see for_tasks on captured variables
+    const int64_t run = d.kw * d.C, width = d.width();
+    const T* src = image + n * d.H * d.W * d.C;
+    T* out = rows + n * d.OH * d.OW * width;
+    for (int64_t oh = 0; oh < d.OH; ++oh)
+      for (int64_t ow = 0; ow < d.OW; ++ow, out += width)
+        for (int64_t i = 0; i < d.kh; ++i) {
+          const int64_t h = oh * d.sh - d.ph + i, w0 = ow * d.sw - d.pw;
+          T* o = out + i * run;
+          if (h < 0 || h >= d.H) {
+            std::fill(o, o + run, T(0));
+          } else if (w0 >= 0 && w0 + d.kw <= d.W) {
+            std::copy(src + (h * d.W + w0) * d.C, src + (h * d.W + w0) * d.C + run, o);
+          } else {
+            for (int64_t j = 0; j < d.kw; ++j, o += d.C) {
+              const int64_t w = w0 + j;
+              if (w < 0 || w >= d.W) std::fill(o, o + d.C, T(0));
+              else std::copy(src + (h * d.W + w) * d.C, src + (h * d.W + w + 1) * d.C, o);
+            }
+          }
+        }
+  });
 }
 
-// [N L, C] rows as the channels-last [N, C, oh, ow] view.
+template <typename T>
+void windows_scatter_kernel(const T* rows, T* image, const Windows g) {
+  for_tasks(g.N, [&](int64_t n) {
+    const Windows d = g;
+    const int64_t width = d.width(), pixels = d.H * d.W * d.C;
+    T* const out = image + n * pixels;
+    std::fill(out, out + pixels, T(0));
+    const T* in = rows + n * d.OH * d.OW * width;
+    for (int64_t oh = 0; oh < d.OH; ++oh)
+      for (int64_t ow = 0; ow < d.OW; ++ow, in += width)
+        for (int64_t i = 0; i < d.kh; ++i) {
+          const int64_t h = oh * d.sh - d.ph + i;
+          if (h < 0 || h >= d.H) continue;
+          for (int64_t j = 0; j < d.kw; ++j) {
+            const int64_t w = ow * d.sw - d.pw + j;
+            if (w < 0 || w >= d.W) continue;
+            T* a = out + (h * d.W + w) * d.C;
+            const T* v = in + (i * d.kw + j) * d.C;
+            for (int64_t c = 0; c < d.C; ++c) a[c] += v[c];
+          }
+        }
+  });
+}
+
+// The [N OH OW, kh kw C] window rows of a channels-last image.
+at::Tensor windows_gather(const at::Tensor& image_, const Windows& g) {
+  const at::Tensor image = image_.contiguous(at::MemoryFormat::ChannelsLast);
+  at::Tensor rows = at::empty({g.N * g.OH * g.OW, g.width()}, image.options());
+  AT_DISPATCH_FLOATING_TYPES(image.scalar_type(), "fused_layer column path", [&] {  // fp32 or fp64: see below
+    windows_gather_kernel<scalar_t>(image.const_data_ptr<scalar_t>(), rows.mutable_data_ptr<scalar_t>(), g);
+  });
+  return rows;
+}
+
+// The adjoint: each pixel of the channels-last [N, C, H, W] image the sum of the window-row entries that read it.
+at::Tensor windows_scatter(const at::Tensor& rows_, const Windows& g) {
+  const at::Tensor rows = rows_.contiguous();
+  at::Tensor image = at::empty({g.N, g.C, g.H, g.W}, rows.options().memory_format(at::MemoryFormat::ChannelsLast));
+  AT_DISPATCH_FLOATING_TYPES(rows.scalar_type(), "fused_layer column path", [&] {
+    windows_scatter_kernel<scalar_t>(rows.const_data_ptr<scalar_t>(), image.mutable_data_ptr<scalar_t>(), g);
+  });
+  return image;
+}
+
+// A conv weight [O, I, kh, kw] as the [O, kh kw I] matrix of window rows (conv2d: O = Cout over rows of the
+// input's windows; conv_transpose2d: O = Cin, I = Cout, rows of the output's windows), and back.
+at::Tensor weight_as_rows(const at::Tensor& weight) {
+  return weight.permute({0, 2, 3, 1}).reshape({weight.size(0), -1});
+}
+at::Tensor rows_as_weight(const at::Tensor& m, at::IntArrayRef sizes) {
+  return m.view({sizes[0], sizes[2], sizes[3], sizes[1]}).permute({0, 3, 1, 2}).contiguous();
+}
+
+// [N, C, H, W] channels-last as its [N H W, C] matrix (a view), and back.
+at::Tensor image_rows(const at::Tensor& t) {
+  return t.contiguous(at::MemoryFormat::ChannelsLast).permute({0, 2, 3, 1}).reshape({-1, t.size(1)});
+}
 at::Tensor rows_as_image(const at::Tensor& rows, int64_t n, int64_t oh, int64_t ow) {
   return rows.view({n, oh, ow, rows.size(1)}).permute({0, 3, 1, 2});
 }
@@ -298,22 +378,21 @@ at::Tensor product(int64_t kind, const at::Tensor& x, const at::Tensor& weight, 
   if (kind == kDense) return bias ? at::addmm(*bias, x, weight.t()) : at::mm(x, weight.t());
   if (column_path(kind, weight)) {
     const int64_t n = x.size(0), kh = weight.size(2), kw = weight.size(3);
-    if (kind == kConv) {  // rows = cols^T W^T per sample: a batched GEMM reading the columns transposed
+    if (kind == kConv) {  // output rows = window rows of x times the weight's rows
       const int64_t oh = (x.size(2) + 2 * padding[0] - kh) / stride[0] + 1;
       const int64_t ow = (x.size(3) + 2 * padding[1] - kw) / stride[1] + 1;
-      at::Tensor cols = unfold_cols(x, {kh, kw}, stride, padding);                  // [N, Cin kh kw, L]
-      at::Tensor w = weight.reshape({weight.size(0), -1}).t();                       // [Cin kh kw, Cout]
-      at::Tensor rows = at::matmul(cols.transpose(1, 2), w).view({n * oh * ow, -1});  // [N L, Cout]
-      if (bias) rows.add_(*bias);
-      return rows_as_image(rows, n, oh, ow);
+      const at::Tensor rows = windows_gather(x, windows_of(x, oh, ow, {kh, kw}, stride, padding));
+      const at::Tensor w = weight_as_rows(weight).t();  // [kh kw Cin, Cout]
+      return rows_as_image(bias ? at::addmm(*bias, rows, w) : at::mm(rows, w), n, oh, ow);
     }
-    // conv_transpose2d: cols = W^T x_rows^T per sample, then col2im
+    // conv_transpose2d: each input pixel's row times the weight's rows gives its output window, scattered
     const int64_t oh = (x.size(2) - 1) * stride[0] - 2 * padding[0] + kh + output_padding[0];
     const int64_t ow = (x.size(3) - 1) * stride[1] - 2 * padding[1] + kw + output_padding[1];
-    const at::Tensor rows = x.permute({0, 2, 3, 1}).reshape({n, -1, x.size(1)});     // [N, H W, Cin]
-    const at::Tensor wt = weight.reshape({weight.size(0), -1}).t();                   // [Cout kh kw, Cin]
-    at::Tensor y = fold_cols(at::matmul(wt, rows.transpose(1, 2)), {oh, ow}, {kh, kw}, stride, padding);
-    return bias ? y.add_(bias->view({1, -1, 1, 1})) : y;
+    const at::Tensor windows = at::mm(image_rows(x), weight_as_rows(weight));  // [N H W, kh kw Cout]
+    Windows g{n, oh, ow, weight.size(1), x.size(2), x.size(3), kh, kw, stride[0], stride[1], padding[0], padding[1]};
+    at::Tensor y = windows_scatter(windows, g);
+    if (bias) image_rows(y).add_(*bias);  // a view of y's channels-last memory
+    return y;
   }
   return at::convolution(x, weight, bias, stride, padding, {1, 1}, kind == kConvTranspose, output_padding, 1);
 }
@@ -323,28 +402,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> column_backward(int64_t kind, con
                                                                const at::Tensor& weight, at::IntArrayRef stride,
                                                                at::IntArrayRef padding, bool need_dx, bool need_dw,
                                                                bool need_db) {
-  const int64_t n = x.size(0), kh = weight.size(2), kw = weight.size(3);
-  const at::Tensor w = weight.reshape({weight.size(0), -1});
+  const int64_t kh = weight.size(2), kw = weight.size(3);
+  const at::Tensor w = weight_as_rows(weight);
   at::Tensor dx, dw, db;
-  if (kind == kConv) {  // rows = cols^T W^T: dW = sum_n da_n^T cols_n^T, dx = col2im(W^T da_n^T)
-    const at::Tensor rows = da.permute({0, 2, 3, 1}).reshape({n, -1, da.size(1)});  // [N, L, Cout], a view
-    if (need_dw)
-      dw = at::matmul(rows.transpose(1, 2), unfold_cols(x, {kh, kw}, stride, padding).transpose(1, 2))
-               .sum(0)
-               .view(weight.sizes());
-    if (need_dx)
-      dx = fold_cols(at::matmul(w.t(), rows.transpose(1, 2)), {x.size(2), x.size(3)}, {kh, kw}, stride, padding);
-    if (need_db) db = rows.sum({0, 1});
-  } else {  // cols(y) = W^T x_rows^T: dW = sum_n x_rows_n^T cols(da)_n^T, dx rows = cols(da)_n^T W^T
-    const at::Tensor cols = unfold_cols(da, {kh, kw}, stride, padding);  // [N, Cout kh kw, H W]
-    if (need_dw) {
-      const at::Tensor rows = x.permute({0, 2, 3, 1}).reshape({n, -1, x.size(1)});  // [N, H W, Cin]
-      dw = at::matmul(rows.transpose(1, 2), cols.transpose(1, 2)).sum(0).view(weight.sizes());
-    }
-    if (need_dx) dx = rows_as_image(at::matmul(cols.transpose(1, 2), w.t()).view({-1, x.size(1)}), n, x.size(2),
-                                    x.size(3));
-    if (need_db) db = da.sum({0, 2, 3});
+  const at::Tensor da_rows = image_rows(da);
+  if (kind == kConv) {  // out = rows(x) W^T: dW = da^T rows(x), dx = scatter(da W)
+    const Windows g = windows_of(x, da.size(2), da.size(3), {kh, kw}, stride, padding);
+    if (need_dw) dw = rows_as_weight(at::mm(da_rows.t(), windows_gather(x, g)), weight.sizes());
+    if (need_dx) dx = windows_scatter(at::mm(da_rows, w), g);
+  } else {  // windows(y) = x_rows W: dx = rows(da) W^T, dW = x_rows^T rows(da)
+    const Windows g = windows_of(da, x.size(2), x.size(3), {kh, kw}, stride, padding);
+    const at::Tensor rows = windows_gather(da, g);  // [N H W, kh kw Cout]
+    if (need_dw) dw = rows_as_weight(at::mm(image_rows(x).t(), rows), weight.sizes());
+    if (need_dx) dx = rows_as_image(at::mm(rows, w.t()), x.size(0), x.size(2), x.size(3));
   }
+  if (need_db) db = da_rows.sum(0);
   return {dx, dw, db};
 }
 
