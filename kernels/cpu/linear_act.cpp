@@ -39,46 +39,53 @@
 namespace vaegan_fast_native {
 namespace {
 
-// In place over a [M, N]: a <- act(a + bias), or (keep_pre) y <- act(a + bias) and a <- a + bias.
-// Rows go in register chunks (common.h): with N of 32 to 128 a block loop per row had cost more in its
-// set-up than in its arithmetic.
-template <int64_t Act, typename T>
-void epilogue_kernel(T* a, T* y, const acc_t<T>* bias, int64_t M, int64_t N, acc_t<T> slope, bool keep_pre) {
-  using A = acc_t<T>;
-  using C = Chunk<T>;
+// Over a [M, N]: y <- act(a + bias), and pre <- a + bias where pre is given. In place when In and Out are one
+// type (y and pre may be a itself); on bf16's fp32 product path In is the fp32 product and Out bf16, rounded
+// once at the store. Rows go in register chunks (common.h): with N of 32 to 128 a block loop per row had cost
+// more in its set-up than in its arithmetic.
+template <int64_t Act, typename In, typename Out>
+void epilogue_kernel(const In* a, Out* pre, Out* y, const acc_t<In>* bias, int64_t M, int64_t N, acc_t<In> slope) {
+  using A = acc_t<In>;
+  using C = Chunk<In>;
   using V = typename C::V;
+  static_assert(std::is_same_v<V, typename Chunk<Out>::V> && C::kSize == Chunk<Out>::kSize);
   const int64_t rows_per_task = std::max<int64_t>(1, kTask / N);
   for_tasks(ceil_div(M, rows_per_task), [&](int64_t task) {
     // Locals, not captures: see for_tasks on captured variables.
-    T* const a_ = a;
-    T* const y_ = y;
+    const In* const a_ = a;
+    Out* const pre_ = pre;
+    Out* const y_ = y;
     const A* const bias_ = bias;
     const int64_t cols = N, r1 = std::min(M, (task + 1) * rows_per_task);
     const V slope_(slope);
-    const bool keep = keep_pre && bias_ != nullptr;  // without a bias, a already is the pre-activation
     for (int64_t r = task * rows_per_task; r < r1; ++r) {
-      T* const arow = a_ + r * cols;
-      T* const yrow = y_ + r * cols;
-      for_chunks<T>(0, cols, [&](int64_t j, int64_t m) {
+      const In* const arow = a_ + r * cols;
+      Out* const yrow = y_ + r * cols;
+      for_chunks<In>(0, cols, [&](int64_t j, int64_t m) {
         C c;
         c.load(arow + j, m);
+        Chunk<Out> o;
         if (bias_) {
           Chunk<A> cb;
           cb.load(bias_ + j, m);
           for (int k = 0; k < C::kVecs; ++k) c.v[k] = c.v[k] + cb.v[k];
-          if (keep) c.store(arow + j, m);
         }
-        for (int k = 0; k < C::kVecs; ++k) c.v[k] = activate<Act>(c.v[k], slope_);
-        c.store(yrow + j, m);
+        if (pre_) {
+          for (int k = 0; k < C::kVecs; ++k) o.v[k] = c.v[k];
+          o.store(pre_ + r * cols + j, m);
+        }
+        for (int k = 0; k < C::kVecs; ++k) o.v[k] = activate<Act>(c.v[k], slope_);
+        o.store(yrow + j, m);
       });
     }
   });
 }
 
-// ga = grad_y * act'(saved) (none for the identity: ga is grad_y); column sums of ga into bias_grad (when not
-// null), per row-task in fp32 (fp64 for double) and the tasks added in order.
-template <int64_t Act, typename T>
-void backward_kernel(const T* gy, const T* saved, T* ga, acc_t<T>* bias_grad, int64_t M, int64_t N,
+// ga = grad_y * act'(saved) (none for the identity: ga is grad_y), stored as G (T, or fp32 on bf16's fp32 product
+// path, where the GEMMs read it); column sums of ga into bias_grad (when not null), per row-task in fp32 (fp64
+// for double) and the tasks added in order.
+template <int64_t Act, typename T, typename G>
+void backward_kernel(const T* gy, const T* saved, G* ga, acc_t<T>* bias_grad, int64_t M, int64_t N,
                      acc_t<T> slope) {
   using A = acc_t<T>;
   using C = Chunk<T>;
@@ -90,7 +97,7 @@ void backward_kernel(const T* gy, const T* saved, T* ga, acc_t<T>* bias_grad, in
     // Locals, not captures: see for_tasks on captured variables.
     const T* const gy_ = gy;
     const T* const saved_ = saved;
-    T* const ga_ = ga;
+    G* const ga_ = ga;
     const int64_t cols = N, r1 = std::min(M, (task + 1) * rows_per_task);
     const V slope_(slope);
     A* const col = bias_grad ? partials.data() + task * cols : nullptr;
@@ -103,7 +110,9 @@ void backward_kernel(const T* gy, const T* saved, T* ga, acc_t<T>* bias_grad, in
           C s;
           s.load(saved_ + off + j, m);
           for (int k = 0; k < C::kVecs; ++k) g.v[k] = derivative<Act>(g.v[k], s.v[k], slope_);
-          g.store(ga_ + off + j, m);
+          Chunk<G> o;
+          for (int k = 0; k < C::kVecs; ++k) o.v[k] = g.v[k];
+          o.store(ga_ + off + j, m);
         }
         if (col) {
           Chunk<A> c;
@@ -145,16 +154,33 @@ std::tuple<at::Tensor, at::Tensor> linear_act(const at::Tensor& x, const at::Ten
     TORCH_CHECK(bias_->dim() == 1 && bias_->size(0) == N && bias_->scalar_type() == x.scalar_type(),
                 "vaegan_fast native linear_act: bias must be [N] of the inputs' dtype");
   }
-  if (product_dtype(x.scalar_type()) != x.scalar_type()) {
-    // bf16 on the fp32 product path: GEMM, bias and activation in fp32, rounded once at the end. x86 CPUs
-    // without AVX512-BF16 run bf16 GEMMs about 10-20x slower than fp32 ones, so upcasting the operands (a
-    // pass over x and W) is far cheaper than the bf16 GEMM and rounds less. On the bf16 product path the
-    // GEMM runs on the bf16 operands (oneDNN, fp32 accumulation) and the epilogue below in fp32 registers.
-    auto b32 = has_bias ? std::optional<at::Tensor>(bias_->to(at::kFloat)) : std::nullopt;
-    auto [y32, pre32] = linear_act(x.to(at::kFloat), weight.to(at::kFloat), b32, act, slope);
-    return {y32.to(at::kBFloat16), pre32.to(at::kBFloat16)};
-  }
   const bool keep_pre = keeps_preactivation(act, slope);
+  if (product_dtype(x.scalar_type()) != x.scalar_type()) {
+    // bf16 on the fp32 product path: GEMM, bias and activation in fp32, rounded once as the epilogue stores y
+    // (and the pre-activation). x86 CPUs without AVX512-BF16 run bf16 GEMMs about 10-20x slower than fp32
+    // ones, so upcasting the operands (a pass over x and W) is far cheaper than the bf16 GEMM and rounds less.
+    const at::Tensor x32 = x.to(at::kFloat), w32 = weight.to(at::kFloat);
+    if (act == kIdentity) {
+      at::Tensor a = has_bias ? at::addmm(bias_->to(at::kFloat), x32, w32.t()) : at::mm(x32, w32.t());
+      return {a.to(at::kBFloat16), at::empty({0}, x.options())};
+    }
+    at::Tensor a = at::mm(x32, w32.t());
+    if (!a.is_contiguous()) a = a.contiguous();
+    at::Tensor y = at::empty({M, N}, x.options()), pre = at::empty({keep_pre ? M : 0, N}, x.options());
+    std::vector<float> bias32;
+    if (has_bias) {
+      auto b = bias_->to(at::kFloat).contiguous();
+      bias32.assign(b.const_data_ptr<float>(), b.const_data_ptr<float>() + N);
+    }
+    if (M * N > 0) {
+      with_activation(act, [&](auto activation) {
+        epilogue_kernel<decltype(activation)::value, float, c10::BFloat16>(
+            a.const_data_ptr<float>(), keep_pre ? pre.mutable_data_ptr<c10::BFloat16>() : nullptr,
+            y.mutable_data_ptr<c10::BFloat16>(), has_bias ? bias32.data() : nullptr, M, N, float(slope));
+      });
+    }
+    return {y, keep_pre ? pre : at::empty({0}, x.options())};
+  }
   if (act == kIdentity) {
     // No activation: BLAS adds the bias itself (beta = 1 over the bias rows), in the same pass that writes
     // the product, instead of a second pass over the output.
@@ -178,10 +204,12 @@ std::tuple<at::Tensor, at::Tensor> linear_act(const at::Tensor& x, const at::Ten
         auto b = bias_->to(c10::CppTypeToScalarType<A>::value).contiguous();
         bias_acc.assign(b.const_data_ptr<A>(), b.const_data_ptr<A>() + N);
       }
+      scalar_t* const ap = a.mutable_data_ptr<scalar_t>();
       with_activation(act, [&](auto activation) {
-        epilogue_kernel<decltype(activation)::value, scalar_t>(
-            a.mutable_data_ptr<scalar_t>(), y.mutable_data_ptr<scalar_t>(), add_bias ? bias_acc.data() : nullptr,
-            M, N, A(slope), keep_pre);
+        // In place: the pre-activation is a itself, rewritten only when the bias is added here.
+        epilogue_kernel<decltype(activation)::value, scalar_t, scalar_t>(
+            ap, keep_pre && add_bias ? ap : nullptr, y.mutable_data_ptr<scalar_t>(),
+            add_bias ? bias_acc.data() : nullptr, M, N, A(slope));
       });
     });
   }
@@ -198,21 +226,30 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_act_backward(
   TORCH_CHECK(act == kIdentity || saved_is_output != keeps_preactivation(act, slope),
               "vaegan_fast native linear_act_backward: saved tensor does not match the activation");
   auto gy = grad_y.to(x.scalar_type()).contiguous();
+  // bf16 on the fp32 product path: the GEMMs upcast their operands, as in the forward, and ga is written in
+  // fp32 by the derivative pass itself (unrounded: the product then reads what eager's fp32 would).
+  const bool bf16 = product_dtype(x.scalar_type()) != x.scalar_type();
   at::Tensor ga = gy, bias_grad = at::empty({0}, x.options());
   if (act != kIdentity || mask[2]) {
     at::Tensor saved = act == kIdentity ? at::Tensor() : saved_.contiguous();
     if (saved.defined())
       TORCH_CHECK(saved.sizes() == gy.sizes() && saved.scalar_type() == gy.scalar_type(),
                   "vaegan_fast native linear_act_backward: saved must be [M, N] of the inputs' dtype");
-    if (act != kIdentity) ga = at::empty_like(gy);
+    if (act != kIdentity) ga = at::empty_like(gy, bf16 ? gy.options().dtype(at::kFloat) : gy.options());
     VFN_DISPATCH(x.scalar_type(), "linear_act_backward", [&] {
       using A = acc_t<scalar_t>;
       std::vector<A> bg(mask[2] ? N : 0);
+      const scalar_t* const saved_p = saved.defined() ? saved.const_data_ptr<scalar_t>() : nullptr;
       with_activation(act, [&](auto activation) {
-        backward_kernel<decltype(activation)::value, scalar_t>(
-            gy.const_data_ptr<scalar_t>(), saved.defined() ? saved.const_data_ptr<scalar_t>() : nullptr,
-            act != kIdentity ? ga.mutable_data_ptr<scalar_t>() : nullptr, mask[2] ? bg.data() : nullptr, M, N,
-            A(slope));
+        constexpr int64_t Act = decltype(activation)::value;
+        if constexpr (std::is_same_v<scalar_t, c10::BFloat16>)
+          if (bf16 && act != kIdentity)
+            return backward_kernel<Act, scalar_t, float>(gy.const_data_ptr<scalar_t>(), saved_p,
+                                                         ga.mutable_data_ptr<float>(), mask[2] ? bg.data() : nullptr,
+                                                         M, N, A(slope));
+        backward_kernel<Act, scalar_t, scalar_t>(gy.const_data_ptr<scalar_t>(), saved_p,
+                                                   act != kIdentity ? ga.mutable_data_ptr<scalar_t>() : nullptr,
+                                                   mask[2] ? bg.data() : nullptr, M, N, A(slope));
       });
       if (mask[2]) {
         bias_grad = at::empty({N}, x.options());
@@ -221,8 +258,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_act_backward(
       }
     });
   }
-  const bool bf16 = product_dtype(x.scalar_type()) != x.scalar_type();  // the GEMMs upcast, as in the forward
-  const at::Tensor ga_mm = bf16 ? ga.to(at::kFloat) : ga;
+  const at::Tensor ga_mm = bf16 ? ga.to(at::kFloat) : ga;  // a no-op unless the identity left ga = gy
   at::Tensor gx = at::empty({0}, x.options()), gw = at::empty({0}, x.options());
   auto grad_input = [&] { gx = at::mm(ga_mm, bf16 ? weight.to(at::kFloat) : weight); };
   auto grad_weight = [&] { gw = at::mm(ga_mm.t(), bf16 ? x.to(at::kFloat) : x); };
