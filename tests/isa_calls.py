@@ -98,7 +98,8 @@ def run_step(dtype, backend, arch):
         model.config["precision"] = "bf16"
     grads, losses = step_gradients(model, x.to(dtype), eps.to(dtype if dtype != torch.bfloat16 else torch.float32),
                                    zp.to(dtype))
-    return [t.detach() for net in sorted(grads) for t in grads[net]]
+    # bf16 values handed over in the fp32 masters' dtype: compared as the bf16 they are
+    return [t.detach().to(dtype) for net in sorted(grads) for t in grads[net]]
 
 
 def main(out):

@@ -35,8 +35,10 @@ def bf16_step_gradients(backend: str, activation: str):
     found = []
     for name in NETWORKS:
         for i, (got, want, low) in enumerate(zip(ours[name], truth[name], eager[name])):
-            assert got.dtype == torch.bfloat16 and got.shape == want.shape, f"{name} parameter {i}"
-            found.append((f"{name} parameter {i}", got, want, low))
+            # Computed in bf16 and handed over in the fp32 master weights' dtype: bf16 values in fp32.
+            assert got.dtype == torch.float32 and got.shape == want.shape, f"{name} parameter {i}"
+            assert torch.equal(got, got.bfloat16().float()), f"{name} parameter {i}"
+            found.append((f"{name} parameter {i}", got.bfloat16(), want, low))
     return found
 
 
@@ -82,8 +84,8 @@ def test_fp16_scaled_gradients_are_within_twice_eager_fp16_autocast_error(backen
     ours, _ = step_gradients(model, x.half(), eps, z_prior.half(), loss_scale=scale)
     for name in NETWORKS:
         for i, (got, want, low) in enumerate(zip(ours[name], truth[name], eager[name])):
-            assert got.dtype == torch.float16
-            problem = mismatch(f"{name} parameter {i} (times the loss scale)", got, want * 2.0 ** 10, low)
+            assert got.dtype == torch.float32 and torch.equal(got, got.half().float())  # fp16 values, fp32 masters
+            problem = mismatch(f"{name} parameter {i} (times the loss scale)", got.half(), want * 2.0 ** 10, low)
             assert problem is None, problem
 
 

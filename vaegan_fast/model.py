@@ -543,9 +543,9 @@ class Model(nn.Module):
             grads, master = {}, self.dtype
 
             def network_done(name, net_grads):
-                # Low-precision gradients, full-precision master weights and updates. The cast comes before the
-                # all-reduce: a low-precision sum of scaled gradients would overflow sooner.
-                grads[name] = [g.to(master) if g.dtype != master else g for g in net_grads]
+                # Already in the master weights' dtype (step/__init__.py casts them before the all-reduce: a
+                # low-precision sum of scaled gradients would overflow sooner).
+                grads[name] = net_grads
                 if dp is not None:
                     pending[name] = dp.start_average(grads[name])
 

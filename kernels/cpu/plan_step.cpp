@@ -47,6 +47,7 @@ struct Layer {
   std::vector<int64_t> stride, padding, output_padding, out_shape;
   double slope, eps, momentum;
   std::optional<at::Tensor> weight, bias, norm_weight, norm_bias, running_mean, running_var, tracked;
+  at::ScalarType param_dtype = at::kFloat;  // the parameters' own dtype (fp32 master weights of a bf16 step)
 };
 
 struct Cache {
@@ -221,16 +222,18 @@ at::Tensor stream_backward(Network& net, const at::Tensor& seed, const at::Tenso
   return input_grad ? g : at::Tensor();
 }
 
+// The weight gradients in the parameters' own dtype (a bf16 step's go to its fp32 master weights).
 std::vector<at::Tensor> param_grads(const Network& net) {
   std::vector<at::Tensor> out;
   for (size_t i = 0; i < net.layers.size(); ++i) {
     const Layer& l = net.layers[i];
     if (l.kind > kConvTLayer) continue;
-    out.push_back(net.grads[i][0]);
-    if (l.has_bias) out.push_back(net.grads[i][1]);
+    auto add = [&](const at::Tensor& g) { out.push_back(g.defined() ? g.to(l.param_dtype) : g); };
+    add(net.grads[i][0]);
+    if (l.has_bias) add(net.grads[i][1]);
     if (l.norm) {
-      out.push_back(net.grads[i][2]);
-      out.push_back(net.grads[i][3]);
+      add(net.grads[i][2]);
+      add(net.grads[i][3]);
     }
   }
   return out;
@@ -248,7 +251,10 @@ std::vector<at::Tensor> plan_step(const c10::List<std::optional<at::Tensor>>& in
                                   const c10::List<std::optional<at::Tensor>>& layer_tensors,
                                   at::IntArrayRef layer_table, at::ArrayRef<double> layer_floats,
                                   at::IntArrayRef networks, at::IntArrayRef outputs, int64_t n_slots) {
-  // ---- the networks
+  // ---- the networks: the parameters in the step's dtype (x's), the running averages as they are
+  auto x_in = optional_of(inputs, 0);
+  TORCH_CHECK(x_in.has_value(), "vaegan_fast native plan_step: the first input is the batch x");
+  const at::ScalarType compute = x_in->scalar_type();
   std::array<Network, 3> nets;
   size_t ti = 0, fi = 0, ti_tensor = 0;
   for (auto& net : nets) {
@@ -274,6 +280,9 @@ std::vector<at::Tensor> plan_step(const c10::List<std::optional<at::Tensor>>& in
       std::optional<at::Tensor>* slots[7] = {&l.weight, &l.bias, &l.norm_weight, &l.norm_bias, &l.running_mean,
                                              &l.running_var, &l.tracked};
       for (auto* s : slots) *s = optional_of(layer_tensors, ti_tensor++);
+      if (l.weight) l.param_dtype = l.weight->scalar_type();
+      for (auto* s : {&l.weight, &l.bias, &l.norm_weight, &l.norm_bias})
+        if (s->has_value() && (*s)->scalar_type() != compute) *s = (*s)->to(compute);
       net.layers.push_back(std::move(l));
     }
   }

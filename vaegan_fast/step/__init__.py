@@ -81,12 +81,15 @@ class RoutedStep:
                   scale: Optional[torch.Tensor] = None, on_network_done: Optional[Callable] = None,
                   whole_step: bool = True, memory: Optional[dict] = None) -> tuple:
         """({network name: [grad per parameter]}, losses) of one step computed in x's dtype, with the given
-        noise (eps and z_prior as the mode needs them; eps in any dtype, cast as the plan says).
+        noise (eps and z_prior as the mode needs them; eps in any dtype, cast as the plan says). The gradients
+        are in the parameters' own dtype (a low-precision step's go to its full-precision master weights, cast
+        before ``on_network_done`` sees them: a data-parallel all-reduce then sums them in full precision).
 
         ``scale`` (fp16's loss scale, a 0-dim tensor) multiplies every gradient. ``whole_step``: use the
         backend's executor of the whole plan in one call when it has one (not with a loss scale or ``memory``,
-        which receives "saved_bytes": the bytes of the tensors the forward passes keep for backward)."""
-        compute = x.dtype
+        which receives "saved_bytes": the bytes of the tensors the forward passes keep for backward); it casts
+        the parameters to x's dtype and the gradients back itself (one C++ call instead of two per parameter)."""
+        compute, master = x.dtype, self.model.dtype
         noise_dtype = eps.dtype if eps is not None else compute
         plan = self.plan(x.shape[0], compute, noise_dtype, scale is not None)
         kernels = self.kernels(x.device, compute)
@@ -94,22 +97,30 @@ class RoutedStep:
         done = on_network_done or (lambda name, grads: None)
         whole = _dispatch.implementation(WHOLE_PLAN_OP, kernels.name) if whole_step else None
         if whole is not None and scale is None and memory is None:
-            grads, losses = whole(plan, {net: NetworkState(program, compute)
+            grads, losses = whole(plan, {net: NetworkState(program, None)
                                          for net, program in self.programs().items()}, inputs)
             for net in (2, 1, 0):
                 if net in grads:
                     done(NETWORK_NAMES[net], grads[net])
         else:
             states = {net: NetworkState(program, compute) for net, program in self.programs().items()}
-            grads, losses = run_plan(plan, states, inputs, kernels,
-                                     lambda net, g: done(NETWORK_NAMES[net], g), memory)
+            in_master = {}
+
+            def network_done(net, net_grads):
+                in_master[net] = [g.to(master) if g.dtype != master else g for g in net_grads]
+                done(NETWORK_NAMES[net], in_master[net])
+
+            grads, losses = run_plan(plan, states, inputs, kernels, network_done, memory)
+            grads = {net: in_master[net] if net in in_master else [g.to(master) for g in g_net]
+                     for net, g_net in grads.items()}
         return {NETWORK_NAMES[net]: g for net, g in grads.items()}, losses
 
 
 def step_gradients(model, x: torch.Tensor, eps, z_prior, loss_scale=None, whole_step: bool = True,
                    memory: Optional[dict] = None) -> tuple:
     """({network: [grad per parameter]}, losses) of ``model``'s planned step on x in x's dtype with the given
-    noise, without updating anything (what train_step would apply, before the optimizers)."""
+    noise, without updating anything (what train_step would apply, before the optimizers); the gradients in the
+    parameters' dtype."""
     if model._routed is None:
         raise ValueError("the model's networks are not vaegan_fast.nn programs: it trains through autograd")
     return model._routed.gradients(x, eps, z_prior, loss_scale, None, whole_step, memory)

@@ -18,13 +18,14 @@ def plain_dense(spec) -> bool:
 
 
 def _as(t, dtype):
-    return t if t is None or t.dtype == dtype else t.to(dtype)
+    return t if t is None or dtype is None or t.dtype == dtype else t.to(dtype)
 
 
 @dataclass
 class LayerParams:
-    """A layer's tensors for one step: weight, bias and the norm's affine parameters in the compute dtype;
-    the running averages as they are (the module's own buffers, updated in place)."""
+    """A layer's tensors for one step: weight, bias and the norm's affine parameters in the compute dtype (or,
+    built with dtype None, the module's own, for an executor that casts them itself); the running averages as
+    they are (the module's own buffers, updated in place)."""
     weight: Optional[torch.Tensor] = None
     bias: Optional[torch.Tensor] = None
     norm_weight: Optional[torch.Tensor] = None
