@@ -228,7 +228,9 @@ std::vector<at::Tensor> param_grads(const Network& net) {
   for (size_t i = 0; i < net.layers.size(); ++i) {
     const Layer& l = net.layers[i];
     if (l.kind > kConvTLayer) continue;
-    auto add = [&](const at::Tensor& g) { out.push_back(g.defined() ? g.to(l.param_dtype) : g); };
+    auto add = [&](const at::Tensor& g) {
+      out.push_back(g.defined() && g.scalar_type() != l.param_dtype ? g.to(l.param_dtype) : g);
+    };
     add(net.grads[i][0]);
     if (l.has_bias) add(net.grads[i][1]);
     if (l.norm) {
