@@ -340,7 +340,7 @@ void windows_scatter_kernel(const T* rows, T* image, const Windows g) {
 at::Tensor windows_gather(const at::Tensor& image_, const Windows& g) {
   const at::Tensor image = image_.contiguous(at::MemoryFormat::ChannelsLast);
   at::Tensor rows = at::empty({g.N * g.OH * g.OW, g.width()}, image.options());
-  AT_DISPATCH_FLOATING_TYPES(image.scalar_type(), "fused_layer column path", [&] {  // fp32 or fp64: see below
+  AT_DISPATCH_FLOATING_TYPES(image.scalar_type(), "fused_layer column path", [&] {  // fp32 or fp64: see above
     windows_gather_kernel<scalar_t>(image.const_data_ptr<scalar_t>(), rows.mutable_data_ptr<scalar_t>(), g);
   });
   return rows;
@@ -633,9 +633,13 @@ Tensors5 fused_layer_backward(
       if (has_bias) db = da_p.sum(0).to(dtype);
     }
   } else if (column_path(kind, weight_)) {
-    if (need_dx) dx = std::get<0>(column_backward(kind, da_dx, x_dx, w_p, stride, padding, true, false, false)).to(dtype);
+    // One call when dx runs on every row: a transposed conv's two products then share one gather of da.
+    const bool together = all_rows && need_dx && need_dw;
+    if (need_dx && !together)
+      dx = std::get<0>(column_backward(kind, da_dx, x_dx, w_p, stride, padding, true, false, false)).to(dtype);
     if (need_dw) {
-      auto [unused, gw, gb] = column_backward(kind, da_p, x_p, w_p, stride, padding, false, true, has_bias);
+      auto [gx, gw, gb] = column_backward(kind, da_p, x_p, w_p, stride, padding, together, true, has_bias);
+      if (together) dx = gx.to(dtype);
       dw = gw.to(dtype).contiguous();
       if (has_bias) db = gb.to(dtype);
     }

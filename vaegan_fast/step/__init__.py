@@ -88,7 +88,7 @@ class RoutedStep:
         ``scale`` (fp16's loss scale, a 0-dim tensor) multiplies every gradient. ``whole_step``: use the
         backend's executor of the whole plan in one call when it has one (not with a loss scale or ``memory``,
         which receives "saved_bytes": the bytes of the tensors the forward passes keep for backward); it casts
-        the parameters to x's dtype and the gradients back itself (one C++ call instead of two per parameter)."""
+        the parameters to x's dtype and the gradients back itself (in C++, not two Python calls per parameter)."""
         compute, master = x.dtype, self.model.dtype
         noise_dtype = eps.dtype if eps is not None else compute
         plan = self.plan(x.shape[0], compute, noise_dtype, scale is not None)
@@ -106,13 +106,15 @@ class RoutedStep:
             states = {net: NetworkState(program, compute) for net, program in self.programs().items()}
             in_master = {}
 
+            def to_master(net_grads):
+                return [g.to(master) if g.dtype != master else g for g in net_grads]
+
             def network_done(net, net_grads):
-                in_master[net] = [g.to(master) if g.dtype != master else g for g in net_grads]
+                in_master[net] = to_master(net_grads)
                 done(NETWORK_NAMES[net], in_master[net])
 
             grads, losses = run_plan(plan, states, inputs, kernels, network_done, memory)
-            grads = {net: in_master[net] if net in in_master else [g.to(master) for g in g_net]
-                     for net, g_net in grads.items()}
+            grads = {net: in_master[net] if net in in_master else to_master(g) for net, g in grads.items()}
         return {NETWORK_NAMES[net]: g for net, g in grads.items()}, losses
 
 
