@@ -145,7 +145,8 @@ def test_one_sample_without_a_norm_and_one_pixel_images(backend):
 
 @pytest.mark.skipif("native" not in BACKENDS, reason="the native library is not built")
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-@pytest.mark.parametrize("case", [LAYERS[5], LAYERS[10], LAYERS[12]], ids=layer_id)
+# A transposed conv on oneDNN, both column-path kinds (few input channels, few output channels), a dense layer.
+@pytest.mark.parametrize("case", [LAYERS[5], LAYERS[11], LAYERS[10], LAYERS[12]], ids=layer_id)
 def test_native_gradcheck_in_fp64(case, training):
     layer = make_layer(case, "batch", "tanh", backend="native").double().train(training)
     x = torch.randn(4, *case[7], dtype=torch.float64, requires_grad=True)
