@@ -65,7 +65,8 @@ class EagerVAEGAN(nn.Module):
         self.discriminator = plain_network(model.discriminator.net)
         self.tap = model.discriminator.tap
         self.config = {k: model.config[k] for k in ("gamma", "pixel_weight", "encoder_llike_weight", "recon_as_fake",
-                                                     "saturating", "gating", "equilibrium", "margin")}
+                                                     "saturating", "gating")}
+        self.gate_decisions = model.gate_decisions
         self.params = [list(m.parameters()) for m in (self.encoder, self.decoder, self.discriminator)]
         self.optimizers = [torch.optim.Adam(p, lr=model.config["lr"][net], betas=model.config["betas"][net])
                            for p, net in zip(self.params, ("encoder", "decoder", "discriminator"))]
@@ -94,16 +95,10 @@ class EagerVAEGAN(nn.Module):
 
     @torch.compiler.disable  # a host decision: torch.compile breaks its graph here either way, this way silently
     def _gate(self, s_real, s_p) -> tuple:
-        """(train encoder, decoder, discriminator): Larsen's equilibrium rests a network winning or losing by
-        too much (the rule of vaegan_fast.Model.gate_decisions)."""
-        cfg = self.config
-        d_real, d_fake = F.softplus(-s_real).mean().item(), F.softplus(s_p).mean().item()
-        low, high = cfg["equilibrium"] - cfg["margin"], cfg["equilibrium"] + cfg["margin"]
-        train_dec = not (d_real > high or d_fake > high)
-        train_disc = not (d_real < low or d_fake < low)
-        if not (train_dec or train_disc):
-            train_dec = train_disc = True
-        return True, train_dec, train_disc
+        """(train encoder, decoder, discriminator) by Larsen's equilibrium: the model's own rule
+        (vaegan_fast.Model.gate_decisions), read on the host as a user's step would."""
+        train_disc, train_dec = self.gate_decisions(F.softplus(-s_real).mean(), F.softplus(s_p).mean())
+        return True, bool(train_dec), bool(train_disc)
 
     def step(self, x: torch.Tensor):
         """One update of all three networks; returns the three losses (detached)."""

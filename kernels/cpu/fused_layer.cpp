@@ -34,7 +34,6 @@
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/convolution.h>
 #include <ATen/ops/convolution_backward.h>
-#include <ATen/ops/zeros.h>
 
 namespace vaegan_fast_native {
 namespace {

@@ -155,65 +155,55 @@ std::tuple<at::Tensor, at::Tensor> linear_act(const at::Tensor& x, const at::Ten
                 "vaegan_fast native linear_act: bias must be [N] of the inputs' dtype");
   }
   const bool keep_pre = keeps_preactivation(act, slope);
-  if (product_dtype(x.scalar_type()) != x.scalar_type()) {
-    // bf16 on the fp32 product path: GEMM, bias and activation in fp32, rounded once as the epilogue stores y
-    // (and the pre-activation). x86 CPUs without AVX512-BF16 run bf16 GEMMs about 10-20x slower than fp32
-    // ones, so upcasting the operands (a pass over x and W) is far cheaper than the bf16 GEMM and rounds less.
-    const at::Tensor x32 = x.to(at::kFloat), w32 = weight.to(at::kFloat);
-    if (act == kIdentity) {
-      at::Tensor a = has_bias ? at::addmm(bias_->to(at::kFloat), x32, w32.t()) : at::mm(x32, w32.t());
-      return {a.to(at::kBFloat16), at::empty({0}, x.options())};
-    }
-    at::Tensor a = at::mm(x32, w32.t());
-    if (!a.is_contiguous()) a = a.contiguous();
-    at::Tensor y = at::empty({M, N}, x.options()), pre = at::empty({keep_pre ? M : 0, N}, x.options());
-    std::vector<float> bias32;
-    if (has_bias) {
-      auto b = bias_->to(at::kFloat).contiguous();
-      bias32.assign(b.const_data_ptr<float>(), b.const_data_ptr<float>() + N);
-    }
-    if (M * N > 0) {
-      with_activation(act, [&](auto activation) {
-        epilogue_kernel<decltype(activation)::value, float, c10::BFloat16>(
-            a.const_data_ptr<float>(), keep_pre ? pre.mutable_data_ptr<c10::BFloat16>() : nullptr,
-            y.mutable_data_ptr<c10::BFloat16>(), has_bias ? bias32.data() : nullptr, M, N, float(slope));
-      });
-    }
-    return {y, keep_pre ? pre : at::empty({0}, x.options())};
-  }
+  // bf16 on the fp32 product path: GEMM, bias and activation in fp32, rounded once as the epilogue stores y (and
+  // the pre-activation). x86 CPUs without AVX512-BF16 run bf16 GEMMs about 10-20x slower than fp32 ones, so
+  // upcasting the operands (a pass over x and W) is far cheaper than the bf16 GEMM and rounds less.
+  const bool upcast = product_dtype(x.scalar_type()) != x.scalar_type();
+  const at::Tensor xp = upcast ? x.to(at::kFloat) : x, wp = upcast ? weight.to(at::kFloat) : weight;
+  std::optional<at::Tensor> bp;
+  if (has_bias) bp = upcast ? bias_->to(at::kFloat) : *bias_;
   if (act == kIdentity) {
     // No activation: BLAS adds the bias itself (beta = 1 over the bias rows), in the same pass that writes
     // the product, instead of a second pass over the output.
-    at::Tensor a = has_bias ? at::addmm(*bias_, x, weight.t()) : at::mm(x, weight.t());
-    return {a.is_contiguous() ? a : a.contiguous(), at::empty({0}, a.options())};
+    at::Tensor a = bp ? at::addmm(*bp, xp, wp.t()) : at::mm(xp, wp.t());
+    if (!a.is_contiguous()) a = a.contiguous();
+    return {upcast ? a.to(at::kBFloat16) : a, at::empty({0}, x.options())};
   }
   // bf16 products: the bias goes inside the GEMM too (oneDNN adds it to the fp32 accumulator), so the
   // pre-activation is rounded to bf16 once, as eager's addmm rounds it. Added after a rounded product instead,
   // values near zero changed sign against the fp64 reference where eager's did not, and each flipped a relu
   // mask entry: a weight-gradient error of |g x| (measured: 14 flips in 257x65, 60x eager's error).
-  const bool bias_in_gemm = has_bias && x.scalar_type() == at::kBFloat16;
-  at::Tensor a = bias_in_gemm ? at::addmm(*bias_, x, weight.t()) : at::mm(x, weight.t());
+  const bool bias_in_gemm = has_bias && xp.scalar_type() == at::kBFloat16;
+  at::Tensor a = bias_in_gemm ? at::addmm(*bp, xp, wp.t()) : at::mm(xp, wp.t());
   if (!a.is_contiguous()) a = a.contiguous();
   const bool add_bias = has_bias && !bias_in_gemm;
-  at::Tensor y = keep_pre ? at::empty_like(a) : a;
+  // The outputs: in place over a (the pre-activation is a itself, rewritten only when the bias is added here),
+  // or, upcast, fresh bf16 tensors.
+  at::Tensor y = upcast ? at::empty({M, N}, x.options()) : (keep_pre ? at::empty_like(a) : a);
+  at::Tensor pre = upcast ? at::empty({keep_pre ? M : 0, N}, x.options()) : a;
   if (M * N > 0) {
-    VFN_DISPATCH(x.scalar_type(), "linear_act", [&] {
+    VFN_DISPATCH(a.scalar_type(), "linear_act", [&] {
       using A = acc_t<scalar_t>;
       std::vector<A> bias_acc;
       if (add_bias) {
-        auto b = bias_->to(c10::CppTypeToScalarType<A>::value).contiguous();
+        auto b = bp->to(c10::CppTypeToScalarType<A>::value).contiguous();
         bias_acc.assign(b.const_data_ptr<A>(), b.const_data_ptr<A>() + N);
       }
-      scalar_t* const ap = a.mutable_data_ptr<scalar_t>();
+      const A* const bias_p = add_bias ? bias_acc.data() : nullptr;
       with_activation(act, [&](auto activation) {
-        // In place: the pre-activation is a itself, rewritten only when the bias is added here.
-        epilogue_kernel<decltype(activation)::value, scalar_t, scalar_t>(
-            ap, keep_pre && add_bias ? ap : nullptr, y.mutable_data_ptr<scalar_t>(),
-            add_bias ? bias_acc.data() : nullptr, M, N, A(slope));
+        constexpr int64_t Act = decltype(activation)::value;
+        if constexpr (std::is_same_v<scalar_t, float>)
+          if (upcast)
+            return epilogue_kernel<Act, float, c10::BFloat16>(
+                a.const_data_ptr<float>(), keep_pre ? pre.mutable_data_ptr<c10::BFloat16>() : nullptr,
+                y.mutable_data_ptr<c10::BFloat16>(), bias_p, M, N, A(slope));
+        scalar_t* const ap = a.mutable_data_ptr<scalar_t>();
+        epilogue_kernel<Act, scalar_t, scalar_t>(ap, keep_pre && add_bias ? ap : nullptr,
+                                                 y.mutable_data_ptr<scalar_t>(), bias_p, M, N, A(slope));
       });
     });
   }
-  return {y, keep_pre ? a : at::empty({0}, a.options())};
+  return {y, keep_pre ? pre : at::empty({0}, x.options())};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_act_backward(

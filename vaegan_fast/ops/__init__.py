@@ -56,8 +56,9 @@ def backend_info() -> dict:
     """What the CPU backend runs on, and why: the native library's ISA ("generic", "avx2", "avx512"; None when
     the native backend did not load, with ``native_error``), the bf16 product path ("bf16": products on bf16
     operands through oneDNN, fp32 accumulation; "fp32": operands upcast) and the reasons for both, next to
-    what torch reports about the CPU; for the triton backend, why it did not load. The choices are made when vaegan_fast is imported (environment:
-    VAEGAN_FAST_ARCH, VAEGAN_FAST_BF16_PRODUCTS; see vaegan_fast/ops/_native_lib.py)."""
+    what torch reports about the CPU; for the triton backend, why it did not load. The choices are made when
+    vaegan_fast is imported (environment: VAEGAN_FAST_ARCH, VAEGAN_FAST_BF16_PRODUCTS; see
+    vaegan_fast/ops/_native_lib.py)."""
     import sys
 
     import torch
