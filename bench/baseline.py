@@ -5,8 +5,9 @@ nn.LeakyReLU / nn.ReLU, ...), F.softplus losses, three torch.autograd.grad calls
 three torch.optim.Adam optimizers. It is deliberately independent of vaegan_fast's step code, so that work on
 the model's own step is always measured against the same fixed work. Its loss options are the model's it
 mirrors (gamma, the pixel term's and the encoder's feature-term weights, reconstructions as fakes, the
-saturating generator loss, the equilibrium gate, the feature layer, Adam's lr and betas per network): bench/e2e.py
-builds that model in vaegan_fast.BASELINE_OPTIONS for the MLP presets and in the conv presets' own defaults.
+saturating generator loss, the equilibrium gate, the feature layer, the discriminator's batch statistics joint or
+per set, Adam's lr and betas per network): bench/e2e.py builds that model in vaegan_fast.BASELINE_OPTIONS for the
+MLP presets and in the conv presets' own defaults.
 """
 from __future__ import annotations
 
@@ -65,7 +66,7 @@ class EagerVAEGAN(nn.Module):
         self.discriminator = plain_network(model.discriminator.net)
         self.tap = model.discriminator.tap
         self.config = {k: model.config[k] for k in ("gamma", "pixel_weight", "encoder_llike_weight", "recon_as_fake",
-                                                     "saturating", "gating")}
+                                                     "saturating", "gating", "discriminator_norm")}
         self.gate_decisions = model.gate_decisions
         self.params = [list(m.parameters()) for m in (self.encoder, self.decoder, self.discriminator)]
         self.optimizers = [torch.optim.Adam(p, lr=model.config["lr"][net], betas=model.config["betas"][net])
@@ -122,9 +123,13 @@ class EagerVAEGAN(nn.Module):
         x_p = torch.sigmoid(decode(z_p))  # the prior first, as Model does (a batch norm's running averages)
         rec_logits = decode(z)
         x_rec = torch.sigmoid(rec_logits)
-        logits, features = self._discriminate(torch.cat([x, x_rec, x_p]))
+        if cfg["discriminator_norm"] == "separate":  # three calls, each set with its own batch statistics
+            (s_real, f_real), (s_p, _), (s_rec, f_rec) = (self._discriminate(t) for t in (x, x_p, x_rec))
+            logits, features = torch.cat([s_real, s_rec, s_p]), torch.cat([f_real, f_rec])
+        else:
+            logits, features = self._discriminate(torch.cat([x, x_rec, x_p]))
         s_real, s_rec, s_p = logits.split(batch)
-        f_real, f_rec, _ = features.split(batch)
+        f_real, f_rec = features[:batch], features[batch:2 * batch]
         llike = 0.5 * (f_real - f_rec).pow(2).reshape(batch, -1).sum(1).mean()
         fakes = [s_p, s_rec] if cfg["recon_as_fake"] else [s_p]
         loss_d = F.softplus(-s_real).mean() + sum(F.softplus(s).mean() for s in fakes)

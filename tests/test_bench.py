@@ -54,8 +54,9 @@ def test_run_writes_json_and_markdown_with_every_field(tmp_path):
 
 
 @pytest.mark.parametrize("options", [
-    dict(),  # the conv preset's defaults: gamma 0.01, the pixel term, the gate
+    dict(),  # the conv preset's defaults: gamma 0.01, the pixel term, the gate, each set's own batch statistics
     dict(recon_as_fake=False, saturating=True, encoder_llike_weight=0.5, gating=False),
+    dict(discriminator_norm="joint"),  # one batch over real, prior and reconstructed rows
     dict(equilibrium=5.0, margin=0.0),  # the gate rests the discriminator
     dict(equilibrium=-5.0, margin=0.0),  # the gate rests the decoder
 ])

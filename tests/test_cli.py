@@ -142,6 +142,7 @@ BAD_TRAIN = [
     (["--steps", "2", "--feature-layer", "1.5"], "--feature-layer"), (["--steps", "2", "--seed", "-1"], "--seed"),
     (["--steps", "2", "--preset", "huge"], "--preset"), (["--steps", "2", "--backend", "cuda-magic"], "--backend"),
     (["--steps", "2", "--channels", "2"], "--channels"), (["--steps", "2", "--image-size", "0x5"], "--image-size"),
+    (["--steps", "2", "--discriminator-norm", "per-set"], "--discriminator-norm"),
 ]
 
 
@@ -227,6 +228,7 @@ def test_sample_refuses_an_output_that_is_a_folder(tmp_path, capsys, trained_che
     ("--precision", "bf16", "fp32"), ("--no-recon-as-fake", None, "True"), ("--saturating", None, "False"),
     ("--gating", None, "False"), ("--feature-layer", "0", "-1"), ("--preset", "wide", "seed"), ("--seed", "5", "0"),
     ("--batch-size", "8", "16"), ("--data", "fashion-mnist", "synthetic"),
+    ("--discriminator-norm", "separate", "joint"),
 ])
 def test_resume_refuses_options_that_differ_from_the_checkpoint(tmp_path, capsys, trained_checkpoint, flag, value,
                                                                saved):
@@ -284,9 +286,11 @@ def test_conv_presets_train_sample_and_evaluate_through_the_cli(tmp_path, capsys
                             str(tmp_path / "bad"), "--no-progress"], "divisible by 8", "--image-size", code=1)
 
 
-def test_the_encoders_feature_weight_has_a_flag():
+@pytest.mark.parametrize("flag,value,option,parsed", [("--encoder-llike-weight", "0.25", "encoder_llike_weight", 0.25),
+                                                      ("--discriminator-norm", "joint", "discriminator_norm", "joint")])
+def test_the_loss_options_have_flags(flag, value, option, parsed):
     from vaegan_fast.__main__ import _model_options, build_parser
-    args = build_parser().parse_args(["train", "--steps", "1", "--out", "o", "--encoder-llike-weight", "0.25"])
-    assert _model_options(args)["encoder_llike_weight"] == 0.25
+    args = build_parser().parse_args(["train", "--steps", "1", "--out", "o", flag, value])
+    assert _model_options(args)[option] == parsed
     unset = build_parser().parse_args(["train", "--steps", "1", "--out", "o"])
-    assert "encoder_llike_weight" not in _model_options(unset)  # the preset's (or the model's) default
+    assert option not in _model_options(unset)  # the preset's (or the model's) default

@@ -164,6 +164,17 @@ def test_save_load_round_trip_is_bit_exact(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_a_checkpoint_from_before_discriminator_norm_loads_with_the_joint_statistics_it_trained_with(tmp_path):
+    model = Model.preset("conv", image_shape=(1, 8, 8), latent_dim=3)
+    assert model.config["discriminator_norm"] == "separate"  # the conv preset's default now
+    model.save(tmp_path / "new.pt")
+    state = vaegan_fast.checkpoint.load(tmp_path / "new.pt")
+    del state["config"]["discriminator_norm"]  # as the code before the option wrote it
+    vaegan_fast.checkpoint.atomic_save(state, tmp_path / "old.pt")
+    assert Model.load(tmp_path / "old.pt").config["discriminator_norm"] == "joint"
+    assert small_model().config["discriminator_norm"] == "joint"  # Larsen et al.'s: one batch over all three sets
+
+
 def test_training_resumed_from_a_checkpoint_equals_training_straight(tmp_path):
     xs = [batch() for _ in range(6)]
     straight = small_model(seed=3)
@@ -411,6 +422,7 @@ def test_every_numeric_option_refuses_non_finite_values_by_name(option, value):
     (dict(gamma=-0.1), "gamma"), (dict(encoder_llike_weight=-0.5), "encoder_llike_weight must be >= 0"),
     (dict(image_shape=(2, 4, 5), input_dim=None), "channels"),
     (dict(image_shape=(1, 4, 4)), "does not match"), (dict(backend="gpu"), "backend"),
+    (dict(discriminator_norm="per_set"), r"discriminator_norm must be one of \('joint', 'separate'\)"),
 ])
 def test_out_of_range_options_are_refused_by_name(options, message):
     with pytest.raises((ValueError, TypeError), match=message):

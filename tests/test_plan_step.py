@@ -9,7 +9,7 @@ import torch
 
 import vaegan_fast.ops as ops
 from vaegan_fast import Model
-from vaegan_fast.model import MODES
+from vaegan_fast.model import DISCRIMINATOR_NORMS, MODES
 from vaegan_fast.nn import Decoder, Discriminator, Encoder, Flatten, FusedConv2d, FusedConvTranspose2d, FusedLinear
 from vaegan_fast.nn import Unflatten
 from vaegan_fast.ops import _dispatch
@@ -75,6 +75,11 @@ OPTIONS = [dict(zip(("gamma", "pixel_weight", "recon_as_fake", "saturating"), va
 OPTIONS += [dict(gamma=gamma, pixel_weight=pixel, recon_as_fake=fake, saturating=False, encoder_llike_weight=weight)
             for weight, (gamma, pixel) in itertools.product((0.25, 0.0, 2.5), ((0.3, 0.7), (1.0, 0.0)))
             for fake in (True, False)]
+# The discriminator's batch norm over each set's rows ("separate": three groups of B rows, so streams stay on
+# their own sets and U's seed covers the reconstructions alone) and over all three ("joint"), either way with the
+# options that reshape the streams (the conv preset's default is "separate", the other architectures' "joint").
+OPTIONS += [dict(discriminator_norm=norm, gamma=0.3, pixel_weight=0.7, recon_as_fake=fake, encoder_llike_weight=weight)
+            for norm in DISCRIMINATOR_NORMS for fake in (True, False) for weight in (1.0, 0.0)]
 
 
 def check_exact(model, x, monkeypatch):
@@ -109,9 +114,9 @@ def test_the_plan_equals_the_three_grad_step(backend, arch, options, monkeypatch
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("arch", list(ARCHS))
-@pytest.mark.parametrize("mode", ["vae", "gan"])
-def test_the_ablations_are_plans_too(backend, arch, mode, monkeypatch):
-    model = ARCHS[arch](backend, mode=mode).double()
+@pytest.mark.parametrize("mode,norm", [("vae", "joint"), ("gan", "joint"), ("gan", "separate")])
+def test_the_ablations_are_plans_too(backend, arch, mode, norm, monkeypatch):
+    model = ARCHS[arch](backend, mode=mode, discriminator_norm=norm).double()
     assert model.uses_routed_step
     check_exact(model, batch_for(model, 4), monkeypatch)
 
@@ -192,11 +197,28 @@ def test_the_executors_agree_bit_for_bit_with_an_encoder_weight_of_the_feature_t
                                                                                    recon_as_fake, bf16_products):
     model = ARCHS[arch]("native", gamma=0.3, pixel_weight=0.7, recon_as_fake=recon_as_fake,
                         encoder_llike_weight=weight)
-    (g1, l1), (g2, l2), a, b = both_executors(model, batch_for(model, 5, torch.float32), dtype)
+    assert_same_step(*both_executors(model, batch_for(model, 5, torch.float32), dtype))
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("arch", ["conv", "larsen64", "custom"])
+@pytest.mark.parametrize("mode", ["vaegan", "gan"])
+@pytest.mark.parametrize("norm", DISCRIMINATOR_NORMS)
+def test_the_executors_agree_bit_for_bit_with_either_discriminator_norm(dtype, arch, mode, norm, bf16_products):
+    model = ARCHS[arch]("native", mode=mode, discriminator_norm=norm)
+    assert_same_step(*both_executors(model, batch_for(model, 5, torch.float32), dtype))
+
+
+def assert_same_step(whole, python, a, b):
+    """The two executors' gradients, losses and running averages are equal bit for bit."""
+    (g1, l1), (g2, l2) = whole, python
     for net in g1:
         for i, (x, y) in enumerate(zip(g1[net], g2[net])):
             assert torch.equal(x, y), f"{net} parameter {i}"
     assert all(torch.equal(l1[key], l2[key]) for key in l1)
+    for (key, x), y in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(x, y), key
 
 
 @needs_native

@@ -11,7 +11,7 @@ import math
 import os
 import sys
 
-from .model import PRESETS
+from .model import DISCRIMINATOR_NORMS, PRESETS
 
 BACKEND_CHOICES = ("auto", "reference", "native", "triton")
 MIN_SAMPLES = 4  # precision/recall with k = 3 need more than 3 samples
@@ -80,7 +80,8 @@ def _model_options(args) -> dict:
     options = {"gamma": args.gamma, "encoder_llike_weight": args.encoder_llike_weight,
                "pixel_weight": args.pixel_weight, "recon_as_fake": args.recon_as_fake,
                "saturating": args.saturating, "gating": args.gating, "feature_layer": args.feature_layer,
-               "lr": args.lr, "backend": args.backend, "mode": args.mode, "precision": args.precision}
+               "discriminator_norm": args.discriminator_norm, "lr": args.lr, "backend": args.backend,
+               "mode": args.mode, "precision": args.precision}
     return {k: v for k, v in options.items() if v is not None}
 
 
@@ -116,6 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--saturating", action=argparse.BooleanOptionalAction, default=None)
     t.add_argument("--gating", action=argparse.BooleanOptionalAction, default=None)
     t.add_argument("--feature-layer", type=integer, default=None)
+    t.add_argument("--discriminator-norm", choices=DISCRIMINATOR_NORMS, default=None,
+                   help="the discriminator's batch norm over real, prior and reconstructed rows together (joint) "
+                        "or each set over its own rows (separate); default: the preset's")
     t.add_argument("--lr", type=finite_float(positive=True), default=None)
     t.add_argument("--checkpoint-every", type=positive_int, default=500)
     t.add_argument("--grid-every", type=positive_int, default=500)

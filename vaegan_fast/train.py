@@ -36,8 +36,8 @@ RESUME_APPLIES = ("lr", "backend")
 # The command-line flag of each model option, for messages.
 FLAGS = {"gamma": "--gamma", "encoder_llike_weight": "--encoder-llike-weight", "pixel_weight": "--pixel-weight",
          "recon_as_fake": "--[no-]recon-as-fake", "saturating": "--[no-]saturating", "gating": "--[no-]gating",
-         "feature_layer": "--feature-layer", "lr": "--lr", "backend": "--backend", "mode": "--mode",
-         "precision": "--precision"}
+         "feature_layer": "--feature-layer", "discriminator_norm": "--discriminator-norm", "lr": "--lr",
+         "backend": "--backend", "mode": "--mode", "precision": "--precision"}
 
 
 class NonFiniteLossError(RuntimeError):

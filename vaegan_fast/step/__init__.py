@@ -45,7 +45,7 @@ class RoutedStep:
     def plan(self, batch: int, compute: torch.dtype, noise: torch.dtype, scaled: bool):
         cfg = self.model.config
         options = tuple(cfg[k] for k in ("mode", "gamma", "encoder_llike_weight", "pixel_weight", "recon_as_fake",
-                                          "saturating"))
+                                          "saturating", "discriminator_norm"))
         disc = self.model.discriminator
         key = (batch, compute, noise, scaled, options, disc.tap)
         plan = self._plans.get(key)

@@ -8,7 +8,8 @@ forward pass, every vector-Jacobian product (network, seed, layers, rows) and ev
 formed once, and the executors (vaegan_fast/step/execute.py in Python, kernels/cpu/plan_step.cpp in C++) carry
 it out over the backend's kernels. Rows:
 
-    discriminator  [x; x_p; x_rec]  (3B rows, one batch-norm group: the three share statistics)
+    discriminator  [x; x_p; x_rec]  (3B rows, one batch-norm group: the three share statistics; with
+                                     discriminator_norm="separate" three groups, each normalised over its own)
       D  dL_D/ds over the rows L_D reads ([x; x_p (; x_rec)]), top to bottom, weight gradients
       G  dL_G/ds over the fake rows, input gradients only
       U  dL_llike/dD_l at the feature tap, input gradients only (encoder and decoder share it: its seed carries
@@ -259,9 +260,10 @@ def build_plan(specs: dict, tap: tuple, config: dict, mode: str, batch: int, com
 
     if "discriminator" in weights:
         dis_rows = 3 * B if mode == "vaegan" else 2 * B
+        dis_group = B if config["discriminator_norm"] == "separate" else dis_rows  # rows per norm group
         dis_specs = specs[DISCRIMINATOR]
         with_tap = mode == "vaegan"
-        outs = forward(DISCRIMINATOR, dis_in, dis_rows, 1, tap if with_tap else None)
+        outs = forward(DISCRIMINATOR, dis_in, dis_rows, dis_rows // dis_group, tap if with_tap else None)
         scores = plan.one("view_rows", (outs[0],))  # [N, 1] -> [N]
         scores = cast(scores, loss_dtype, compute_dtype)
         s_real = plan.one("rows", (scores,), ints=(0, B))
@@ -290,14 +292,15 @@ def build_plan(specs: dict, tap: tuple, config: dict, mode: str, batch: int, com
             fr = cast(plan.one("view_rows", (f_real,)), loss_dtype, compute_dtype)
             ff = cast(plan.one("view_rows", (f_rec,)), loss_dtype, compute_dtype)
             terms["llike"], grad_real = plan.emit("feature_recon", (fr, ff), 2)
-            # With a coupling layer at or below the tap, the real rows' features depend on the fakes too:
-            # the seed covers [x; x_p; x_rec] (zeros on x_p), else the reconstruction rows alone.
-            u_full = _couples_at_or_below(dis_specs, tap_layer, pre)
+            # With a coupling layer at or below the tap whose groups span the sets, the real rows' features
+            # depend on the fakes too: the seed covers [x; x_p; x_rec] (zeros on x_p), else the reconstruction
+            # rows alone.
+            u_full = dis_group > B and _couples_at_or_below(dis_specs, tap_layer, pre)
             u_rows_seed = (0, 3 * B) if u_full else (2 * B, 3 * B)
             # The decoder's share of the feature term, gamma U, can ride on G from the tap down when G covers
             # those rows there anyway (reconstructions as fakes, or a coupling layer): one stream less through
             # the lower layers for the decoder, and U then runs for the encoder's reconstruction rows alone.
-            g_rows_at_tap = stream_rows(dis_specs, top, (B, fakes_end), dis_rows, False, False, (B, dis_rows))[0][
+            g_rows_at_tap = stream_rows(dis_specs, top, (B, fakes_end), dis_group, False, False, (B, dis_rows))[0][
                 tap_layer]
             gamma, enc_llike = weights["decoder"]["llike"], weights["encoder"]["llike"]
             # The image head's backward hands the encoder U times 1 and the decoder U times a coefficient. With
@@ -316,18 +319,18 @@ def build_plan(specs: dict, tap: tuple, config: dict, mode: str, batch: int, com
         # ---- discriminator streams
         # The decoder needs the discriminator's input gradients on the image rows alone: [x_p (; x_rec)].
         images_rows = (B, dis_rows)
-        backward("D", DISCRIMINATOR, seeded(d_seed), (0, fakes_end), top, dis_rows, True)
+        backward("D", DISCRIMINATOR, seeded(d_seed), (0, fakes_end), top, dis_group, True)
         if mode == "vaegan":
             if join:  # the decoder's gamma U on G from the tap down; U for the encoder's rows alone
-                g_dx, g_rows = backward("G+U", DISCRIMINATOR, seeded(g_seed), (B, fakes_end), top, dis_rows, False,
+                g_dx, g_rows = backward("G+U", DISCRIMINATOR, seeded(g_seed), (B, fakes_end), top, dis_group, False,
                                         images_rows, join=(u_seed, tap_layer, u_rows_seed, gamma))
-                u_dx, u_rows = backward("U", DISCRIMINATOR, u_enc, u_rows_seed, tap_layer, dis_rows, False,
+                u_dx, u_rows = backward("U", DISCRIMINATOR, u_enc, u_rows_seed, tap_layer, dis_group, False,
                                         (2 * B, 3 * B), entry_pre_norm=pre)
                 dec_u = 0.0
             else:
-                g_dx, g_rows = backward("G", DISCRIMINATOR, seeded(g_seed), (B, fakes_end), top, dis_rows, False,
+                g_dx, g_rows = backward("G", DISCRIMINATOR, seeded(g_seed), (B, fakes_end), top, dis_group, False,
                                         images_rows)
-                u_dx, u_rows = backward("U", DISCRIMINATOR, u_enc, u_rows_seed, tap_layer, dis_rows, False,
+                u_dx, u_rows = backward("U", DISCRIMINATOR, u_enc, u_rows_seed, tap_layer, dis_group, False,
                                         images_rows, entry_pre_norm=pre)
                 dec_u = gamma / enc_llike if enc_llike > 0 else gamma
             # Through the sigmoid into the decoder's logits ([prior; reconstruction]), with the pixel term.
@@ -344,7 +347,7 @@ def build_plan(specs: dict, tap: tuple, config: dict, mode: str, batch: int, com
                 enc_up = plan.one("pixel_grad", (rec, X, *((LOSS_SCALE,) if scale_seeds else ())),
                                   ints=(int(scale_seeds),), floats=(pixel_weight / B,))
         else:
-            g_dx, g_rows = backward("G", DISCRIMINATOR, seeded(g_seed), (B, fakes_end), top, dis_rows, False,
+            g_dx, g_rows = backward("G", DISCRIMINATOR, seeded(g_seed), (B, fakes_end), top, dis_group, False,
                                     images_rows)
         if mode == "gan":  # the generator's gradient through the sigmoid, on the prior rows
             g_img = plan.one("rows", (g_dx,), ints=(B - g_rows[0], g_rows[1] - g_rows[0]))
