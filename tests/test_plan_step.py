@@ -78,8 +78,9 @@ OPTIONS += [dict(gamma=gamma, pixel_weight=pixel, recon_as_fake=fake, saturating
 # The discriminator's batch norm over each set's rows ("separate": three groups of B rows, so streams stay on
 # their own sets and U's seed covers the reconstructions alone) and over all three ("joint"), either way with the
 # options that reshape the streams (the conv preset's default is "separate", the other architectures' "joint").
-OPTIONS += [dict(discriminator_norm=norm, gamma=0.3, pixel_weight=0.7, recon_as_fake=fake, encoder_llike_weight=weight)
-            for norm in DISCRIMINATOR_NORMS for fake in (True, False) for weight in (1.0, 0.0)]
+OPTIONS += [dict(discriminator_norm=norm, gamma=0.3, pixel_weight=0.7, recon_as_fake=fake)
+            for norm in DISCRIMINATOR_NORMS for fake in (True, False)]
+OPTIONS += [dict(discriminator_norm="separate", gamma=0.3, pixel_weight=0.7, encoder_llike_weight=0.0)]
 
 
 def check_exact(model, x, monkeypatch):
@@ -202,7 +203,7 @@ def test_the_executors_agree_bit_for_bit_with_an_encoder_weight_of_the_feature_t
 
 @needs_native
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
-@pytest.mark.parametrize("arch", ["conv", "larsen64", "custom"])
+@pytest.mark.parametrize("arch", ["conv", "custom"])
 @pytest.mark.parametrize("mode", ["vaegan", "gan"])
 @pytest.mark.parametrize("norm", DISCRIMINATOR_NORMS)
 def test_the_executors_agree_bit_for_bit_with_either_discriminator_norm(dtype, arch, mode, norm, bf16_products):
@@ -268,9 +269,10 @@ def test_the_plans_flop_count_is_what_its_products_do(arch, mode):
 
 
 @pytest.mark.parametrize("arch", list(ARCHS))
-def test_the_straightforward_steps_flop_count_matches_torchs_counter(arch):
+@pytest.mark.parametrize("norm", DISCRIMINATOR_NORMS)
+def test_the_straightforward_steps_flop_count_matches_torchs_counter(arch, norm):
     from torch.utils.flop_counter import FlopCounterMode
-    model = ARCHS[arch]("reference", pixel_weight=0.0)
+    model = ARCHS[arch]("reference", pixel_weight=0.0, discriminator_norm=norm)
     x = batch_for(model, 4, torch.float32)
     with FlopCounterMode(display=False) as counter:
         model.routed_gradients(model.losses(x))

@@ -150,9 +150,12 @@ def step_flops(model, batch: int, routed: bool = True) -> int:
     b = batch
     total = fwd(enc, b) + fwd(dec, 2 * b) + fwd(dis, 3 * b)  # forward
     total += fwd(enc, b) + input_grads(enc, b, skip_first=True)  # the encoder's own backward
-    # Each autograd.grad call propagates through whole batched tensors: all 3B discriminator rows.
-    total += input_grads(dis, 3 * b, top=tap) + input_grads(dec, b)  # the encoder's call
-    total += fwd(dec, 2 * b) + input_grads(dec, 2 * b, skip_first=True) + input_grads(dis, 3 * b)  # decoder's
+    # Each autograd.grad call propagates through whole batched tensors: all 3B discriminator rows of one call of
+    # the discriminator, or with one call per set ("separate") the calls that reach the network: x_rec's for the
+    # encoder, x_p's and x_rec's for the decoder.
+    enc_rows, dec_rows = (b, 2 * b) if model.config["discriminator_norm"] == "separate" else (3 * b, 3 * b)
+    total += input_grads(dis, enc_rows, top=tap) + input_grads(dec, b)  # the encoder's call
+    total += fwd(dec, 2 * b) + input_grads(dec, 2 * b, skip_first=True) + input_grads(dis, dec_rows)  # decoder's
     total += fwd(dis, 3 * b) + input_grads(dis, 3 * b, skip_first=True)  # the discriminator's call
     return total
 
