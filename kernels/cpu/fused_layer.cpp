@@ -26,6 +26,7 @@
 // (layer_product_dtype); a is rounded to bf16 once; the norm and its statistics compute in fp32.
 // Sums: fixed tasks of rows within one group, a partial per task,
 // partials added in task order in double: the same bits with any thread count.
+#include <cstdlib>
 #include "activation.h"
 #include "common.h"
 #include "ops.h"
@@ -34,6 +35,9 @@
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/convolution.h>
 #include <ATen/ops/convolution_backward.h>
+
+#include <cstring>
+#include <utility>
 
 namespace vaegan_fast_native {
 namespace {
@@ -141,21 +145,28 @@ void affine_act_kernel(const T* a, T* y, T* h, const acc_t<T>* k, const acc_t<T>
   });
 }
 
-// In place: y = act(y), h keeping the pre-activation when asked (no norm, the bias already added).
+// In place: y = act(y + bias), h keeping the pre-activation when asked (no norm; a null bias: none, or already
+// added by the product).
 template <int64_t Act, typename T>
-void act_in_place(T* y, T* h, int64_t M, int64_t C, acc_t<T> slope) {
+void act_in_place(T* y, T* h, const acc_t<T>* bias, int64_t M, int64_t C, acc_t<T> slope) {
   using Ch = Chunk<T>;
   using V = typename Ch::V;
   const int64_t R = rows_per_task(C);
   for_tasks(ceil_div(M, R), [&](int64_t task) {
     T* const y_ = y;
     T* const h_ = h;
+    const acc_t<T>* const bias_ = bias;
     const int64_t cols = C, r1 = std::min(M, (task + 1) * R);
     const V slope_(slope);
     for (int64_t r = task * R; r < r1; ++r)
       for_chunks<T>(0, cols, [&](int64_t j, int64_t m) {
         Ch c;
         c.load(y_ + r * cols + j, m);
+        if (bias_) {
+          Chunk<acc_t<T>> cb;
+          cb.load(bias_ + j, m);
+          for (int q = 0; q < Ch::kVecs; ++q) c.v[q] = c.v[q] + cb.v[q];
+        }
         if (h_) c.store(h_ + r * cols + j, m);
         for (int q = 0; q < Ch::kVecs; ++q) c.v[q] = activate<Act>(c.v[q], slope_);
         c.store(y_ + r * cols + j, m);
@@ -284,6 +295,40 @@ Windows windows_of(const at::Tensor& image, int64_t oh, int64_t ow, at::IntArray
           stride[0],     stride[1],     padding[0],    padding[1]};
 }
 
+// dst[0, n) = src[0, n) (zeros for a null src), and dst[0, n) += src[0, n). A window's run is a few values
+// (kw C), where a memcpy call of runtime length, a scalar loop or a masked vector op each cost more than the
+// values they move (docs/performance.md): runs of up to kSmallRun values go through code of their exact length.
+constexpr int64_t kSmallRun = 16;
+
+template <typename T, int64_t N>
+inline void copy_exact(T* dst, const T* src) {
+  if (src) std::memcpy(dst, src, N * sizeof(T));
+  else std::memset(dst, 0, N * sizeof(T));
+}
+template <typename T, int64_t N>
+inline void add_exact(T* dst, const T* src) {
+  for (int64_t k = 0; k < N; ++k) dst[k] += src[k];
+}
+template <typename T, int64_t... Ns>
+inline void copy_run(T* dst, const T* src, int64_t n, std::integer_sequence<int64_t, Ns...>) {
+  if (((n == Ns + 1 && (copy_exact<T, Ns + 1>(dst, src), true)) || ...)) return;
+  if (src) std::memcpy(dst, src, n * sizeof(T));
+  else std::memset(dst, 0, n * sizeof(T));
+}
+template <typename T, int64_t... Ns>
+inline void add_run(T* dst, const T* src, int64_t n, std::integer_sequence<int64_t, Ns...>) {
+  if (((n == Ns + 1 && (add_exact<T, Ns + 1>(dst, src), true)) || ...)) return;
+  for (int64_t k = 0; k < n; ++k) dst[k] += src[k];
+}
+template <typename T>
+inline void copy_run(T* dst, const T* src, int64_t n) {
+  copy_run(dst, src, n, std::make_integer_sequence<int64_t, kSmallRun>());
+}
+template <typename T>
+inline void add_run(T* dst, const T* src, int64_t n) {
+  add_run(dst, src, n, std::make_integer_sequence<int64_t, kSmallRun>());
+}
+
 template <typename T>
 void windows_gather_kernel(const T* image, T* rows, const Windows g) {
   for_tasks(g.N, [&](int64_t n) {
@@ -297,39 +342,45 @@ void windows_gather_kernel(const T* image, T* rows, const Windows g) {
           const int64_t h = oh * d.sh - d.ph + i, w0 = ow * d.sw - d.pw;
           T* o = out + i * run;
           if (h < 0 || h >= d.H) {
-            std::fill(o, o + run, T(0));
+            copy_run<T>(o, nullptr, run);
           } else if (w0 >= 0 && w0 + d.kw <= d.W) {
-            std::copy(src + (h * d.W + w0) * d.C, src + (h * d.W + w0) * d.C + run, o);
+            copy_run(o, src + (h * d.W + w0) * d.C, run);
           } else {
             for (int64_t j = 0; j < d.kw; ++j, o += d.C) {
               const int64_t w = w0 + j;
-              if (w < 0 || w >= d.W) std::fill(o, o + d.C, T(0));
-              else std::copy(src + (h * d.W + w) * d.C, src + (h * d.W + w + 1) * d.C, o);
+              copy_run<T>(o, w < 0 || w >= d.W ? nullptr : src + (h * d.W + w) * d.C, d.C);
             }
           }
         }
   });
 }
 
+// Each pixel's entries are added in (oh, ow, i) order, one run per window row: the same order as one entry at a
+// time, so the same bits.
 template <typename T>
-void windows_scatter_kernel(const T* rows, T* image, const Windows g) {
+void windows_scatter_kernel(const T* rows, T* image, const T* bias, const Windows g) {
   for_tasks(g.N, [&](int64_t n) {
     const Windows d = g;
-    const int64_t width = d.width(), pixels = d.H * d.W * d.C;
+    const int64_t run = d.kw * d.C, width = d.width(), pixels = d.H * d.W * d.C;
     T* const out = image + n * pixels;
-    std::fill(out, out + pixels, T(0));
+    if (bias) {  // each pixel starts at its channel's bias (a transposed convolution's forward)
+      for (int64_t k = 0; k < pixels; k += d.C) std::memcpy(out + k, bias, d.C * sizeof(T));
+    } else {
+      std::memset(out, 0, pixels * sizeof(T));
+    }
     const T* in = rows + n * d.OH * d.OW * width;
     for (int64_t oh = 0; oh < d.OH; ++oh)
       for (int64_t ow = 0; ow < d.OW; ++ow, in += width)
         for (int64_t i = 0; i < d.kh; ++i) {
-          const int64_t h = oh * d.sh - d.ph + i;
+          const int64_t h = oh * d.sh - d.ph + i, w0 = ow * d.sw - d.pw;
           if (h < 0 || h >= d.H) continue;
+          if (w0 >= 0 && w0 + d.kw <= d.W) {
+            add_run(out + (h * d.W + w0) * d.C, in + i * run, run);
+            continue;
+          }
           for (int64_t j = 0; j < d.kw; ++j) {
-            const int64_t w = ow * d.sw - d.pw + j;
-            if (w < 0 || w >= d.W) continue;
-            T* a = out + (h * d.W + w) * d.C;
-            const T* v = in + (i * d.kw + j) * d.C;
-            for (int64_t c = 0; c < d.C; ++c) a[c] += v[c];
+            const int64_t w = w0 + j;
+            if (w >= 0 && w < d.W) add_run(out + (h * d.W + w) * d.C, in + (i * d.kw + j) * d.C, d.C);
           }
         }
   });
@@ -337,6 +388,7 @@ void windows_scatter_kernel(const T* rows, T* image, const Windows g) {
 
 // The [N OH OW, kh kw C] window rows of a channels-last image.
 at::Tensor windows_gather(const at::Tensor& image_, const Windows& g) {
+  RECORD_FUNCTION("fused_layer::windows_gather", std::vector<c10::IValue>());
   const at::Tensor image = image_.contiguous(at::MemoryFormat::ChannelsLast);
   at::Tensor rows = at::empty({g.N * g.OH * g.OW, g.width()}, image.options());
   AT_DISPATCH_FLOATING_TYPES(image.scalar_type(), "fused_layer column path", [&] {  // fp32 or fp64: see above
@@ -346,11 +398,15 @@ at::Tensor windows_gather(const at::Tensor& image_, const Windows& g) {
 }
 
 // The adjoint: each pixel of the channels-last [N, C, H, W] image the sum of the window-row entries that read it.
-at::Tensor windows_scatter(const at::Tensor& rows_, const Windows& g) {
+// With a bias (a transposed convolution's forward) each pixel's sum starts at its channel's bias.
+at::Tensor windows_scatter(const at::Tensor& rows_, const Windows& g, const std::optional<at::Tensor>& bias = std::nullopt) {
+  RECORD_FUNCTION("fused_layer::windows_scatter", std::vector<c10::IValue>());
   const at::Tensor rows = rows_.contiguous();
   at::Tensor image = at::empty({g.N, g.C, g.H, g.W}, rows.options().memory_format(at::MemoryFormat::ChannelsLast));
   AT_DISPATCH_FLOATING_TYPES(rows.scalar_type(), "fused_layer column path", [&] {
-    windows_scatter_kernel<scalar_t>(rows.const_data_ptr<scalar_t>(), image.mutable_data_ptr<scalar_t>(), g);
+    const at::Tensor b = bias ? bias->to(rows.scalar_type()).contiguous() : at::Tensor();
+    windows_scatter_kernel<scalar_t>(rows.const_data_ptr<scalar_t>(), image.mutable_data_ptr<scalar_t>(),
+                                     b.defined() ? b.const_data_ptr<scalar_t>() : nullptr, g);
   });
   return image;
 }
@@ -372,8 +428,10 @@ at::Tensor rows_as_image(const at::Tensor& rows, int64_t n, int64_t oh, int64_t 
   return rows.view({n, oh, ow, rows.size(1)}).permute({0, 3, 1, 2});
 }
 
+// windows_out: where a column-path conv2d leaves its window rows of x (for its weight gradient), when not null.
 at::Tensor product(int64_t kind, const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                   at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef output_padding) {
+                   at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef output_padding,
+                   at::Tensor* windows_out) {
   if (kind == kDense) return bias ? at::addmm(*bias, x, weight.t()) : at::mm(x, weight.t());
   if (column_path(kind, weight)) {
     const int64_t n = x.size(0), kh = weight.size(2), kw = weight.size(3);
@@ -381,6 +439,7 @@ at::Tensor product(int64_t kind, const at::Tensor& x, const at::Tensor& weight, 
       const int64_t oh = (x.size(2) + 2 * padding[0] - kh) / stride[0] + 1;
       const int64_t ow = (x.size(3) + 2 * padding[1] - kw) / stride[1] + 1;
       const at::Tensor rows = windows_gather(x, windows_of(x, oh, ow, {kh, kw}, stride, padding));
+      if (windows_out) *windows_out = rows;
       const at::Tensor w = weight_as_rows(weight).t();  // [kh kw Cin, Cout]
       return rows_as_image(bias ? at::addmm(*bias, rows, w) : at::mm(rows, w), n, oh, ow);
     }
@@ -389,25 +448,25 @@ at::Tensor product(int64_t kind, const at::Tensor& x, const at::Tensor& weight, 
     const int64_t ow = (x.size(3) - 1) * stride[1] - 2 * padding[1] + kw + output_padding[1];
     const at::Tensor windows = at::mm(image_rows(x), weight_as_rows(weight));  // [N H W, kh kw Cout]
     Windows g{n, oh, ow, weight.size(1), x.size(2), x.size(3), kh, kw, stride[0], stride[1], padding[0], padding[1]};
-    at::Tensor y = windows_scatter(windows, g);
-    if (bias) image_rows(y).add_(*bias);  // a view of y's channels-last memory
-    return y;
+    return windows_scatter(windows, g, bias);
   }
   return at::convolution(x, weight, bias, stride, padding, {1, 1}, kind == kConvTranspose, output_padding, 1);
 }
 
 // {dx, dW, db} of a column-path product from da (the product's output gradient, channels-last).
+// windows: a conv2d's window rows of x from its forward (undefined: gathered here).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> column_backward(int64_t kind, const at::Tensor& da, const at::Tensor& x,
                                                                const at::Tensor& weight, at::IntArrayRef stride,
                                                                at::IntArrayRef padding, bool need_dx, bool need_dw,
-                                                               bool need_db) {
+                                                               bool need_db, const at::Tensor& windows) {
   const int64_t kh = weight.size(2), kw = weight.size(3);
   const at::Tensor w = weight_as_rows(weight);
   at::Tensor dx, dw, db;
   const at::Tensor da_rows = image_rows(da);
   if (kind == kConv) {  // out = rows(x) W^T: dW = da^T rows(x), dx = scatter(da W)
     const Windows g = windows_of(x, da.size(2), da.size(3), {kh, kw}, stride, padding);
-    if (need_dw) dw = rows_as_weight(at::mm(da_rows.t(), windows_gather(x, g)), weight.sizes());
+    if (need_dw)
+      dw = rows_as_weight(at::mm(da_rows.t(), windows.defined() ? windows : windows_gather(x, g)), weight.sizes());
     if (need_dx) dx = windows_scatter(at::mm(da_rows, w), g);
   } else {  // windows(y) = x_rows W: dx = rows(da) W^T, dW = x_rows^T rows(da)
     const Windows g = windows_of(da, x.size(2), x.size(3), {kh, kw}, stride, padding);
@@ -425,13 +484,13 @@ std::optional<at::Tensor> defined(const std::optional<at::Tensor>& t) {
 
 }  // namespace
 
-Tensors6 fused_layer_forward(
+Tensors6 fused_layer_forward_keeping_windows(
     const at::Tensor& x_, const at::Tensor& weight_, const std::optional<at::Tensor>& bias_,
     const std::optional<at::Tensor>& norm_weight, const std::optional<at::Tensor>& norm_bias,
     const std::optional<at::Tensor>& running_mean, const std::optional<at::Tensor>& running_var,
     const std::optional<at::Tensor>& num_batches_tracked, int64_t kind, at::IntArrayRef stride,
     at::IntArrayRef padding, at::IntArrayRef output_padding, bool norm, bool training, double momentum, double eps,
-    int64_t groups, int64_t act, double slope) {
+    int64_t groups, int64_t act, double slope, at::Tensor* windows) {
   check_dtype(x_, "fused_layer_forward", "x");
   check_dtype(weight_, "fused_layer_forward", "weight");
   const auto dtype = x_.scalar_type();
@@ -448,9 +507,14 @@ Tensors6 fused_layer_forward(
   // The operands as the product reads them: channels-last for convolutions (oneDNN's layout), fp32 for bf16.
   const at::Tensor x = kind == kDense ? x_.contiguous() : x_.contiguous(at::MemoryFormat::ChannelsLast);
   const auto pdt = layer_product_dtype(dtype, kind, weight_);
+  // A column-path conv's bias goes into the activation's pass rather than addmm, whose bias is a pass of its own
+  // over the output (a copy, then the GEMM reads it back); not where a rounding to bf16 comes between (the bias
+  // then belongs to the fp32 product, see linear_act.cpp) nor before a norm.
+  const bool bias_in_epilogue = bias && kind == kConv && column_path(kind, weight_) && !norm && act != kIdentity &&
+                                pdt == dtype;
   std::optional<at::Tensor> bias_p;
-  if (bias) bias_p = bias->to(pdt);
-  at::Tensor a = product(kind, x.to(pdt), weight_.to(pdt), bias_p, stride, padding, output_padding);
+  if (bias && !bias_in_epilogue) bias_p = bias->to(pdt);
+  at::Tensor a = product(kind, x.to(pdt), weight_.to(pdt), bias_p, stride, padding, output_padding, windows);
   a = rows_layout(a.to(dtype));
   RECORD_FUNCTION("fused_layer::epilogue", std::vector<c10::IValue>());
   const int64_t M = matrix_rows(a), C = a.size(1);
@@ -461,10 +525,13 @@ Tensors6 fused_layer_forward(
     at::Tensor kept = keep_pre ? at::empty_like(a) : none();
     if (act != kIdentity && M * C > 0) {
       VFN_DISPATCH(dtype, "fused_layer_forward", [&] {
+        using A = acc_t<scalar_t>;
+        const at::Tensor b = bias_in_epilogue ? bias->to(c10::CppTypeToScalarType<A>::value).contiguous() : at::Tensor();
         with_activation(act, [&](auto activation) {
           act_in_place<decltype(activation)::value, scalar_t>(a.mutable_data_ptr<scalar_t>(),
                                                               keep_pre ? kept.mutable_data_ptr<scalar_t>() : nullptr,
-                                                              M, C, acc_t<scalar_t>(slope));
+                                                              b.defined() ? b.const_data_ptr<A>() : nullptr, M, C,
+                                                              A(slope));
         });
       });
     }
@@ -518,13 +585,13 @@ Tensors6 fused_layer_forward(
   return {y, x.is_same(x_) ? none() : x, a, kept, mean_t, rstd_t};
 }
 
-Tensors5 fused_layer_backward(
+Tensors5 fused_layer_backward_with_windows(
     const at::Tensor& dy_, const at::Tensor& x, const at::Tensor& weight_, bool has_bias,
     const std::optional<at::Tensor>& pre_, const at::Tensor& kept_, const std::optional<at::Tensor>& mean,
     const std::optional<at::Tensor>& rstd, const std::optional<at::Tensor>& norm_weight, int64_t kind,
     at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef output_padding, bool norm, bool training,
     int64_t groups, int64_t act, double slope, bool entry_pre_norm, bool need_dx, bool need_dw, int64_t dx_start,
-    int64_t dx_rows, bool dy_writable) {
+    int64_t dx_rows, bool dy_writable, const at::Tensor& windows) {
   check_dtype(x, "fused_layer_backward", "x");
   const auto dtype = x.scalar_type();
   auto none = [&] { return at::empty({0}, x.options()); };
@@ -635,9 +702,11 @@ Tensors5 fused_layer_backward(
     // One call when dx runs on every row: a transposed conv's two products then share one gather of da.
     const bool together = all_rows && need_dx && need_dw;
     if (need_dx && !together)
-      dx = std::get<0>(column_backward(kind, da_dx, x_dx, w_p, stride, padding, true, false, false)).to(dtype);
+      dx = std::get<0>(column_backward(kind, da_dx, x_dx, w_p, stride, padding, true, false, false, at::Tensor()))
+               .to(dtype);
     if (need_dw) {
-      auto [gx, gw, gb] = column_backward(kind, da_p, x_p, w_p, stride, padding, together, true, has_bias);
+      auto [gx, gw, gb] = column_backward(kind, da_p, x_p, w_p, stride, padding, together, true, has_bias,
+                                          windows.defined() ? windows.to(pdt) : windows);
       if (together) dx = gx.to(dtype);
       dw = gw.to(dtype).contiguous();
       if (has_bias) db = gb.to(dtype);
@@ -669,6 +738,32 @@ Tensors5 fused_layer_backward(
   // A conv's input gradient channels-last, whatever the path: the layout the layer below reads.
   if (kind != kDense && need_dx) dx = dx.contiguous(at::MemoryFormat::ChannelsLast);
   return {dx, dw, db, dgamma, dbeta};
+}
+
+// The ops as registered: the window rows gathered in each call.
+Tensors6 fused_layer_forward(
+    const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& norm_weight, const std::optional<at::Tensor>& norm_bias,
+    const std::optional<at::Tensor>& running_mean, const std::optional<at::Tensor>& running_var,
+    const std::optional<at::Tensor>& num_batches_tracked, int64_t kind, at::IntArrayRef stride,
+    at::IntArrayRef padding, at::IntArrayRef output_padding, bool norm, bool training, double momentum, double eps,
+    int64_t groups, int64_t act, double slope) {
+  return fused_layer_forward_keeping_windows(x, weight, bias, norm_weight, norm_bias, running_mean, running_var,
+                                             num_batches_tracked, kind, stride, padding, output_padding, norm,
+                                             training, momentum, eps, groups, act, slope, nullptr);
+}
+
+Tensors5 fused_layer_backward(
+    const at::Tensor& dy, const at::Tensor& x, const at::Tensor& weight, bool has_bias,
+    const std::optional<at::Tensor>& pre, const at::Tensor& kept, const std::optional<at::Tensor>& mean,
+    const std::optional<at::Tensor>& rstd, const std::optional<at::Tensor>& norm_weight, int64_t kind,
+    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef output_padding, bool norm, bool training,
+    int64_t groups, int64_t act, double slope, bool entry_pre_norm, bool need_dx, bool need_dw, int64_t dx_start,
+    int64_t dx_rows, bool dy_writable) {
+  return fused_layer_backward_with_windows(dy, x, weight, has_bias, pre, kept, mean, rstd, norm_weight, kind, stride,
+                                           padding, output_padding, norm, training, groups, act, slope,
+                                           entry_pre_norm, need_dx, need_dw, dx_start, dx_rows, dy_writable,
+                                           at::Tensor());
 }
 
 TORCH_LIBRARY_IMPL(vaegan_fast_native, CPU, m) {

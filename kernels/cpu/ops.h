@@ -50,6 +50,22 @@ Tensors5 fused_layer_backward(
     at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef output_padding, bool norm, bool training,
     int64_t groups, int64_t act, double slope, bool entry_pre_norm, bool need_dx, bool need_dw, int64_t dx_start,
     int64_t dx_rows, bool dy_writable);
+// The training step's (plan_step.cpp): a column-path conv2d's window rows of x, gathered once in forward
+// (*windows, when not null) and read back by its weight gradient (undefined: gathered again). Same results.
+Tensors6 fused_layer_forward_keeping_windows(
+    const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& norm_weight, const std::optional<at::Tensor>& norm_bias,
+    const std::optional<at::Tensor>& running_mean, const std::optional<at::Tensor>& running_var,
+    const std::optional<at::Tensor>& num_batches_tracked, int64_t kind, at::IntArrayRef stride,
+    at::IntArrayRef padding, at::IntArrayRef output_padding, bool norm, bool training, double momentum, double eps,
+    int64_t groups, int64_t act, double slope, at::Tensor* windows);
+Tensors5 fused_layer_backward_with_windows(
+    const at::Tensor& dy, const at::Tensor& x, const at::Tensor& weight, bool has_bias,
+    const std::optional<at::Tensor>& pre, const at::Tensor& kept, const std::optional<at::Tensor>& mean,
+    const std::optional<at::Tensor>& rstd, const std::optional<at::Tensor>& norm_weight, int64_t kind,
+    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef output_padding, bool norm, bool training,
+    int64_t groups, int64_t act, double slope, bool entry_pre_norm, bool need_dx, bool need_dw, int64_t dx_start,
+    int64_t dx_rows, bool dy_writable, const at::Tensor& windows);
 
 // image_head.cpp
 at::Tensor image_head_forward(const at::Tensor& logits, const at::Tensor& x, const at::Tensor& images,

@@ -52,6 +52,7 @@ struct Layer {
 
 struct Cache {
   at::Tensor x, pre, kept, mean, rstd;
+  at::Tensor windows;  // a column-path conv2d's window rows of x (fused_layer.cpp), for its weight gradient
 };
 
 struct Network {
@@ -107,15 +108,67 @@ at::ScalarType plan_dtype(int64_t code) {
   }
 }
 
-// The native backend's layer_forward (vaegan_fast/ops/layer/native.py).
+// b[j, i] = a[i, j] over an m x q tile (leading dimensions lda, ldb): ATen's vector transposes for fp32 and bf16
+// (AVX2 and AVX-512 for fp32, AVX-512 for bf16; loops elsewhere), a loop for fp64.
+template <typename T>
+void transpose_tile(const T* a, int64_t lda, T* b, int64_t ldb, int m, int q) {
+  if constexpr (std::is_same_v<T, float> || std::is_same_v<T, c10::BFloat16>) {
+    if (m == 16 && q == 16) return at::vec::transpose_mxn<T, 16, 16>(a, lda, b, ldb);
+    return at::vec::transpose_mxn<T>(a, lda, b, ldb, m, q);
+  } else {
+    for (int i = 0; i < m; ++i)
+      for (int j = 0; j < q; ++j) b[j * ldb + i] = a[i * lda + j];
+  }
+}
+
+// An image [N, C, H, W] in the other memory format (channels-last <-> channel-first): each sample's [H W, C] matrix
+// transposed in 16 x 16 tiles. ATen's copy into a permuted layout ran at a tenth of a same-layout copy's speed
+// here (docs/performance.md), and the conv preset's flatten and unflatten layers make eight such copies a step.
+at::Tensor relayout(const at::Tensor& t, at::MemoryFormat to) {
+  if (t.is_contiguous(to)) return t;  // as ATen's contiguous(to) (1 x 1 images, one channel: either layout)
+  const bool to_last = to == at::MemoryFormat::ChannelsLast;
+  const at::Tensor src = to_last ? t.contiguous() : t.contiguous(at::MemoryFormat::ChannelsLast);
+  at::Tensor out = at::empty(t.sizes(), t.options().memory_format(to));
+  const int64_t N = t.size(0), C = t.size(1), P = t.size(2) * t.size(3);
+  const int64_t R = to_last ? C : P, K = to_last ? P : C;  // each sample's source matrix is [R, K]
+  if (t.numel() == 0) return out;
+  VFN_DISPATCH(t.scalar_type(), "plan_step relayout", [&] {
+    const scalar_t* const s_all = src.const_data_ptr<scalar_t>();
+    scalar_t* const d_all = out.mutable_data_ptr<scalar_t>();
+    for_tasks(N, [&](int64_t n) {
+      const int64_t rows = R, cols = K;  // locals: see for_tasks
+      const scalar_t* s = s_all + n * rows * cols;
+      scalar_t* d = d_all + n * rows * cols;
+      for (int64_t r0 = 0; r0 < rows; r0 += 16)
+        for (int64_t k0 = 0; k0 < cols; k0 += 16) {
+          const int m = static_cast<int>(std::min<int64_t>(16, rows - r0));
+          const int q = static_cast<int>(std::min<int64_t>(16, cols - k0));
+          transpose_tile(s + r0 * cols + k0, cols, d + k0 * rows + r0, rows, m, q);
+        }
+    });
+  });
+  return out;
+}
+
+// Channel-first rows [N, C H W] of an image in either memory format (the layout nn.Flatten's rows have).
+at::Tensor flat_rows(const at::Tensor& t) {
+  const at::Tensor c = t.is_contiguous() ? t : relayout(t, at::MemoryFormat::Contiguous);
+  return c.view({t.size(0), -1});
+}
+
+// Rows [N, C H W] as a channels-last image [N, C, H, W] (the layout the conv layers read).
+at::Tensor image_of_rows(const at::Tensor& rows, at::IntArrayRef chw) {
+  return relayout(rows.contiguous().view({rows.size(0), chw[0], chw[1], chw[2]}), at::MemoryFormat::ChannelsLast);
+}
+
+// The native backend's layer_forward (vaegan_fast/ops/layer/native.py); flatten and unflatten give the same values
+// in the layout their neighbour reads (channel-first rows, channels-last images).
 at::Tensor layer_forward(Layer& l, const at::Tensor& x, int64_t groups, Cache& cache) {
   const int64_t n = x.size(0);
-  if (l.kind == kFlatten || l.kind == kUnflatten) {  // channel-first rows (one copy of channels-last images)
+  if (l.kind == kFlatten || l.kind == kUnflatten) {
     cache.x = x;
-    if (l.kind == kFlatten) return x.contiguous().view({n, -1});
-    std::vector<int64_t> shape = {n};
-    shape.insert(shape.end(), l.out_shape.begin(), l.out_shape.end());
-    return x.contiguous().view(shape);
+    if (l.kind == kFlatten) return flat_rows(x);
+    return image_of_rows(x, l.out_shape);
   }
   if (l.kind == kDenseLayer && !l.norm) {
     auto [y, pre] = linear_act(x, *l.weight, l.bias, l.activation, l.slope);
@@ -124,9 +177,10 @@ at::Tensor layer_forward(Layer& l, const at::Tensor& x, int64_t groups, Cache& c
     return y;
   }
   auto [y, x_used, pre, kept, mean, rstd] =
-      fused_layer_forward(x, *l.weight, l.bias, l.norm_weight, l.norm_bias, l.running_mean, l.running_var,
-                          l.tracked, l.kind, l.stride, l.padding, l.output_padding, l.norm, true, l.momentum, l.eps,
-                          groups, l.activation, l.slope);
+      fused_layer_forward_keeping_windows(x, *l.weight, l.bias, l.norm_weight, l.norm_bias, l.running_mean,
+                                          l.running_var, l.tracked, l.kind, l.stride, l.padding, l.output_padding,
+                                          l.norm, true, l.momentum, l.eps, groups, l.activation, l.slope,
+                                          &cache.windows);
   cache.x = x_used.numel() > 0 ? x_used : x;  // empty: x itself (fused_layer.cpp)
   cache.pre = pre;
   cache.kept = kept.numel() > 0 ? kept : y;  // empty: y
@@ -141,12 +195,8 @@ std::array<at::Tensor, 5> layer_backward(const Layer& l, const Cache& c, const a
                                          int64_t r1, int64_t d0, int64_t d1, int64_t groups, bool entry_pre_norm,
                                          bool need_dx, bool need_dw) {
   const int64_t rows = r1 - r0;
-  if (l.kind == kFlatten) {
-    std::vector<int64_t> shape(c.x.sizes().begin(), c.x.sizes().end());
-    shape[0] = d1 - d0;
-    return {dy.narrow(0, d0 - r0, d1 - d0).contiguous().view(shape), {}, {}, {}, {}};
-  }
-  if (l.kind == kUnflatten) return {dy.narrow(0, d0 - r0, d1 - d0).contiguous().view({d1 - d0, -1}), {}, {}, {}, {}};
+  if (l.kind == kFlatten) return {image_of_rows(dy.narrow(0, d0 - r0, d1 - d0), c.x.sizes().slice(1)), {}, {}, {}, {}};
+  if (l.kind == kUnflatten) return {flat_rows(dy.narrow(0, d0 - r0, d1 - d0)), {}, {}, {}, {}};
   const bool whole = r0 == 0 && r1 == c.x.size(0);
   const at::Tensor x = whole ? c.x : c.x.narrow(0, r0, rows);
   if (l.kind == kDenseLayer && !l.norm) {
@@ -167,10 +217,15 @@ std::array<at::Tensor, 5> layer_backward(const Layer& l, const Cache& c, const a
     mean = c.mean.narrow(0, g0, ng);
     rstd = c.rstd.narrow(0, g0, ng);
   }
-  auto [dx, dw, db, dgamma, dbeta] =
-      fused_layer_backward(dy, x, *l.weight, l.has_bias, pre, c.kept.narrow(0, r0, rows), mean, rstd, l.norm_weight,
-                           l.kind, l.stride, l.padding, l.output_padding, l.norm, true, ng, l.activation, l.slope,
-                           entry_pre_norm, need_dx, need_dw, d0 - r0, d1 - d0, /*dy_writable=*/true);
+  at::Tensor windows;  // rows are sample-major: a sample's window rows are one block
+  if (c.windows.defined() && need_dw) {
+    const int64_t per_sample = c.windows.size(0) / c.x.size(0);
+    windows = whole ? c.windows : c.windows.narrow(0, r0 * per_sample, rows * per_sample);
+  }
+  auto [dx, dw, db, dgamma, dbeta] = fused_layer_backward_with_windows(
+      dy, x, *l.weight, l.has_bias, pre, c.kept.narrow(0, r0, rows), mean, rstd, l.norm_weight, l.kind, l.stride,
+      l.padding, l.output_padding, l.norm, true, ng, l.activation, l.slope, entry_pre_norm, need_dx, need_dw, d0 - r0,
+      d1 - d0, /*dy_writable=*/true, windows);
   return {dx, dw, db, dgamma, dbeta};
 }
 

@@ -86,10 +86,13 @@ def _none_if_empty(t):
 @_dispatch.register("layer_forward", "native")
 def layer_forward_native(spec, p, x, groups: int, training: bool):
     n = x.shape[0]
-    if spec.kind == "flatten":  # channel-first rows (one copy of channels-last images)
+    # flatten and unflatten: channel-first rows, channels-last images (the layouts their neighbours read, and
+    # plan_step.cpp's: an elementwise op on the result must see the same layouts to give the same bits)
+    if spec.kind == "flatten":
         return x.contiguous().view(n, -1), LayerCache(x, None, None, None, None, training)
     if spec.kind == "unflatten":
-        return x.contiguous().view(n, *spec.out_shape), LayerCache(x, None, None, None, None, training)
+        return (x.contiguous().view(n, *spec.out_shape).contiguous(memory_format=torch.channels_last),
+                LayerCache(x, None, None, None, None, training))
     if plain_dense(spec):
         y, kept = dense_forward_native(x, p.weight, p.bias, spec.activation, spec.negative_slope)
         return y, LayerCache(x, None, kept, None, None, training)
@@ -110,7 +113,8 @@ def layer_backward_native(spec, p, cache, dy, r0: int, r1: int, dx_rows: tuple, 
     stream's gradients as it goes; autograd's must stay)."""
     d0, d1 = dx_rows
     if spec.kind == "flatten":
-        return dy.narrow(0, d0 - r0, d1 - d0).contiguous().view(d1 - d0, *spec.in_shape), None, None, None, None
+        dx = dy.narrow(0, d0 - r0, d1 - d0).contiguous().view(d1 - d0, *spec.in_shape)
+        return dx.contiguous(memory_format=torch.channels_last), None, None, None, None
     if spec.kind == "unflatten":
         return dy.narrow(0, d0 - r0, d1 - d0).contiguous().view(d1 - d0, -1), None, None, None, None
     whole = r0 == 0 and r1 == cache.x.shape[0]
