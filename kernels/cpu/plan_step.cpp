@@ -25,6 +25,7 @@
 #include <ATen/record_function.h>
 #include <ATen/ops/cat.h>
 #include <ATen/ops/full_like.h>
+#include <ATen/ops/ones_like.h>
 #include <ATen/ops/sigmoid_backward.h>
 #include <ATen/ops/sub.h>
 #include <ATen/ops/zeros_like.h>
@@ -38,7 +39,7 @@ enum LayerKind : int64_t { kDenseLayer = 0, kConvLayer = 1, kConvTLayer = 2, kFl
 enum Op : int64_t {
   kForward, kSplit, kClamp, kReparam, kCat, kImageHead, kRows, kFeatureRecon, kUSeed, kSoftplus, kSoftplusMean,
   kMean, kCombine, kBackward, kImageHeadBackward, kSigmoidBackward, kPixelGrad, kReparamBackward, kClampBackward,
-  kCatCols, kScale, kCast, kViewRows
+  kCatCols, kScale, kCast, kViewRows, kScaleRows
 };
 
 struct Layer {
@@ -235,19 +236,24 @@ at::Tensor stream_backward(Network& net, const at::Tensor& seed, const at::Tenso
   const int64_t top = ints[1];
   const bool entry_pre_norm = ints[2], input_grad = ints[3], weight_grads = ints[4];
   int64_t g0 = ints[5], g1 = ints[6];
-  const int64_t join_layer = ints[7], j0 = ints[8], j1 = ints[9];
-  if (weight_grads) {
+  const int64_t join_layer = ints[7], j0 = ints[8], j1 = ints[9], bottom = ints[10];
+  const bool unit = ints[11];
+  const int64_t s0 = g0;
+  if (weight_grads && top + 1 == static_cast<int64_t>(net.layers.size())) {  // a stream from the top starts them
     net.grads.assign(net.layers.size(), {});
     net.has_grads = true;
   }
-  at::Tensor g = seed;
+  // A unit stream (plan.py, the discriminator's "V"): a seed of ones, the weight gradients reading the output
+  // gradients times the seed, per row.
+  const at::Tensor scale = unit ? seed : at::Tensor();
+  at::Tensor g = unit ? at::ones_like(seed) : seed;
   const Cache& top_cache = net.caches[top];
   at::Tensor like;
   if (entry_pre_norm) like = top_cache.pre;
   else if (top + 1 < static_cast<int64_t>(net.caches.size())) like = net.caches[top + 1].x;
   if (like.defined()) g = from_rows(g, like.narrow(0, g0, g1 - g0));
-  for (int64_t i = top; i >= 0; --i) {
-    const int64_t r0 = ints[10 + 4 * i], r1 = ints[11 + 4 * i], d0 = ints[12 + 4 * i], d1 = ints[13 + 4 * i];
+  for (int64_t i = top; i >= bottom; --i) {
+    const int64_t r0 = ints[12 + 4 * i], r1 = ints[13 + 4 * i], d0 = ints[14 + 4 * i], d1 = ints[15 + 4 * i];
     if (r0 != g0 || r1 != g1) {  // the rows this layer runs on: the gradient's rows there, zeros elsewhere
       const int64_t lo = std::max(r0, g0), hi = std::min(r1, g1);
       if (lo == r0 && hi == r1) {
@@ -267,8 +273,24 @@ at::Tensor stream_backward(Network& net, const at::Tensor& seed, const at::Tenso
     }
     const Layer& l = net.layers[i];
     const bool need_dx = d0 >= 0;
-    auto out = layer_backward(l, net.caches[i], g, r0, r1, need_dx ? d0 : r0, need_dx ? d1 : r1, net.groups,
-                              entry_pre_norm && i == top, need_dx, weight_grads);
+    std::array<at::Tensor, 5> out;
+    if (unit) {  // no layer here couples rows: the input gradient on its own rows, the weight gradients apart
+      at::Tensor dy_w;
+      if (l.kind <= kConvTLayer) {
+        std::vector<int64_t> shape(g.dim(), 1);
+        shape[0] = -1;
+        dy_w = g.mul(scale.narrow(0, r0 - s0, r1 - r0).view(shape));
+      }
+      if (need_dx) out[0] = layer_backward(l, net.caches[i], g.narrow(0, d0 - r0, d1 - d0), d0, d1, d0, d1,
+                                           net.groups, false, true, false)[0];
+      if (dy_w.defined()) {
+        auto w = layer_backward(l, net.caches[i], dy_w, r0, r1, r0, r1, net.groups, false, false, true);
+        out[1] = w[1], out[2] = w[2], out[3] = w[3], out[4] = w[4];
+      }
+    } else {
+      out = layer_backward(l, net.caches[i], g, r0, r1, need_dx ? d0 : r0, need_dx ? d1 : r1, net.groups,
+                           entry_pre_norm && i == top, need_dx, weight_grads);
+    }
     if (weight_grads && l.kind <= kConvTLayer) net.grads[i] = {out[1], out[2], out[3], out[4]};
     g = out[0];
     g0 = d0;
@@ -373,7 +395,8 @@ std::vector<at::Tensor> plan_step(const c10::List<std::optional<at::Tensor>>& in
                                          "plan::softplus", "plan::softplus_mean", "plan::mean", "plan::combine",
                                          "plan::backward", "plan::image_head_backward", "plan::sigmoid_backward",
                                          "plan::pixel_grad", "plan::reparam_backward", "plan::clamp_backward",
-                                         "plan::cat_cols", "plan::scale", "plan::cast", "plan::view_rows"};
+                                         "plan::cat_cols", "plan::scale", "plan::cast", "plan::view_rows",
+                                         "plan::scale_rows"};
     RECORD_FUNCTION(kNames[op], std::vector<c10::IValue>());
     switch (op) {
       case kForward: {
@@ -480,6 +503,12 @@ std::vector<at::Tensor> plan_step(const c10::List<std::optional<at::Tensor>>& in
       case kCatCols: out = {at::cat({in(0), in(1)}, 1)}; break;
       case kScale: out = {in(0).mul(in(1))}; break;
       case kCast: out = {in(0).to(plan_dtype(ints[0]))}; break;
+      case kScaleRows: {  // each row of in(0) times its entry of in(1) ([rows, 1])
+        std::vector<int64_t> shape(in(0).dim(), 1);
+        shape[0] = -1;
+        out = {in(0).mul(in(1).view(shape))};
+        break;
+      }
       default: TORCH_CHECK(false, "vaegan_fast native plan_step: unknown op ", op);
     }
     for (size_t k = 0; k < outs.size() && k < out.size(); ++k) slot[outs[k]] = out[k];

@@ -182,7 +182,7 @@ def run_plan(plan, networks: dict, inputs: list, kernels: Kernels, on_network_do
         elif op == "backward":
             state = networks[ins.ints[0]]
             out = (_backward(state, a, ins.ints, ins.floats, k),)
-            if ins.ints[4] and on_network_done is not None:
+            if ins.ints[4] and ins.ints[10] == 0 and on_network_done is not None:  # weight gradients, to layer 0
                 on_network_done(ins.ints[0], state.param_grads())
         elif op == "image_head_backward":
             g_has_rec, u_has_prior, scaled = ins.ints
@@ -212,6 +212,8 @@ def run_plan(plan, networks: dict, inputs: list, kernels: Kernels, on_network_do
             out = (torch.cat(a, 1),)
         elif op == "scale":
             out = (a[0] * a[1],)
+        elif op == "scale_rows":  # each row of a[0] times its entry of a[1] ([rows, 1])
+            out = (a[0] * a[1].view(-1, *[1] * (a[0].dim() - 1)),)
         elif op == "cast":
             out = (a[0].to(DTYPES[ins.ints[0]]),)
         else:  # pragma: no cover - the planner emits only the ops above
@@ -229,16 +231,19 @@ def run_plan(plan, networks: dict, inputs: list, kernels: Kernels, on_network_do
 
 def _backward(state: NetworkState, seeds: list, ints: tuple, floats: tuple, k: Kernels):
     """One backward stream (see run_plan); returns the input gradient, or None."""
-    net, top, entry_pre_norm, input_grad, weight_grads, s0, s1, join_layer, j0, j1 = ints[:10]
-    layers = [ints[10 + 4 * i:14 + 4 * i] for i in range(top + 1)]  # (r0, r1, d0, d1) per layer
-    if weight_grads:
+    net, top, entry_pre_norm, input_grad, weight_grads, s0, s1, join_layer, j0, j1, bottom, unit = ints[:12]
+    layers = [ints[12 + 4 * i:16 + 4 * i] for i in range(top + 1)]  # (r0, r1, d0, d1) per layer
+    if weight_grads and top == len(state.specs) - 1:  # a stream from the top starts the network's gradients
         state.grads = [None] * len(state.specs)
     g, g_rows = seeds[0], (s0, s1)
+    scale = None
+    if unit:  # a seed of ones; the weight gradients read the output gradients times the seed, per row
+        scale, g = g, torch.ones_like(g)
     top_cache = state.caches[top]
     like = top_cache.pre if entry_pre_norm else (state.caches[top + 1].x if top + 1 < len(state.caches) else None)
     if like is not None:
         g = from_rows(g, like[s0:s1])
-    for i in range(top, -1, -1):
+    for i in range(top, bottom - 1, -1):
         r0, r1, d0, d1 = layers[i]
         if (r0, r1) != g_rows:  # the rows this layer runs on: the gradient's rows there, zeros elsewhere
             lo, hi = max(r0, g_rows[0]), min(r1, g_rows[1])
@@ -256,10 +261,23 @@ def _backward(state: NetworkState, seeds: list, ints: tuple, floats: tuple, k: K
                 g.narrow(0, lo - r0, hi - lo).add_(joined.narrow(0, lo - j0, hi - lo), alpha=floats[0])
         spec = state.specs[i]
         need_dx = d0 >= 0
-        dx, dw, db, dgamma, dbeta = k.layer_backward(spec, state.params[i], state.caches[i], g, r0, r1,
-                                                     (d0, d1) if need_dx else (r0, r1), state.groups,
-                                                     bool(entry_pre_norm) and i == top, need_dx, bool(weight_grads),
-                                                     dy_writable=True)  # each stream owns its gradients
+        if unit:  # no layer here couples rows: the input gradient on its own rows, the weight gradients apart
+            row_scale = scale.narrow(0, r0 - s0, r1 - r0)
+            dy_w = g * row_scale.view(-1, *[1] * (g.dim() - 1)) if spec.is_product else None
+            dx = None
+            if need_dx:
+                dx = k.layer_backward(spec, state.params[i], state.caches[i], g.narrow(0, d0 - r0, d1 - d0), d0, d1,
+                                      (d0, d1), state.groups, False, True, False, dy_writable=True)[0]
+            if dy_w is not None:
+                _, dw, db, dgamma, dbeta = k.layer_backward(spec, state.params[i], state.caches[i], dy_w, r0, r1,
+                                                            (r0, r1), state.groups, False, False, True,
+                                                            dy_writable=True)
+        else:
+            dx, dw, db, dgamma, dbeta = k.layer_backward(spec, state.params[i], state.caches[i], g, r0, r1,
+                                                         (d0, d1) if need_dx else (r0, r1), state.groups,
+                                                         bool(entry_pre_norm) and i == top, need_dx,
+                                                         bool(weight_grads), dy_writable=True)  # each stream owns
+            # its gradients
         if weight_grads and spec.is_product:
             state.grads[i] = (dw, db, dgamma, dbeta)
         g, g_rows = dx, (d0, d1)

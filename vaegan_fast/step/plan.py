@@ -10,6 +10,10 @@ it out over the backend's kernels. Rows:
 
     discriminator  [x; x_p; x_rec]  (3B rows, one batch-norm group: the three share statistics; with
                                      discriminator_norm="separate" three groups, each normalised over its own)
+      V  a seed of ones over the rows L_D reads, from the score down to the highest layer where D and G part (a
+         coupling layer, or the feature term's join): one score per row makes each row's gradient there its seed
+         times V's; the weight gradients read V's output gradients times L_D's seed, and D and G below start
+         from V's input gradient times their seeds (none of it when nothing lies above that layer)
       D  dL_D/ds over the rows L_D reads ([x; x_p (; x_rec)]), top to bottom, weight gradients
       G  dL_G/ds over the fake rows, input gradients only
       U  dL_llike/dD_l at the feature tap, input gradients only (encoder and decoder share it: its seed carries
@@ -67,7 +71,7 @@ def loss_weights(mode: str, config: dict) -> dict:
 # The op of each instruction, and its code in the C++ executor (kernels/cpu/plan_step.cpp's enum Op).
 OPS = ("forward", "split", "clamp", "reparam", "cat", "image_head", "rows", "feature_recon", "u_seed",
        "softplus", "softplus_mean", "mean", "combine", "backward", "image_head_backward", "sigmoid_backward",
-       "pixel_grad", "reparam_backward", "clamp_backward", "cat_cols", "scale", "cast", "view_rows")
+       "pixel_grad", "reparam_backward", "clamp_backward", "cat_cols", "scale", "cast", "view_rows", "scale_rows")
 OP_CODES = {name: code for code, name in enumerate(OPS)}
 
 
@@ -211,24 +215,26 @@ def build_plan(specs: dict, tap: tuple, config: dict, mode: str, batch: int, com
         return plan.emit("forward", (x_slot,), 1 if tap_ is None else 2, ints=ints)
 
     def backward(name, net, seed, seed_rows, top, group, weight_grads, out_rows=None, entry_pre_norm=False,
-                 join=None):
-        """A stream from layer ``top`` down; ``group``: rows per norm group in that network's forward;
-        ``out_rows``: the rows of the network's input gradient wanted (None: no input gradient); ``join``:
-        (seed slot, layer, rows, coefficient), a second seed added at that layer's output. Returns the input
-        gradient's slot and its rows."""
-        join_rows = (join[1], join[2]) if join is not None else None
-        rows, dx_rows = stream_rows(specs[net], top, seed_rows, group, entry_pre_norm, weight_grads, out_rows,
-                                    join_rows)
+                 join=None, bottom=0, unit_seed=False):
+        """A stream from layer ``top`` down to layer ``bottom``; ``group``: rows per norm group in that network's
+        forward; ``out_rows``: the rows of the input gradient of layer ``bottom`` wanted (None: none); ``join``:
+        (seed slot, layer, rows, coefficient), a second seed added at that layer's output; ``unit_seed``: the
+        stream runs on a seed of ones and its weight gradients read their output gradients times ``seed`` per
+        row (see the discriminator's streams). Returns the input gradient's slot and its rows."""
+        join_rows = (join[1] - bottom, join[2]) if join is not None else None
+        sub_rows, sub_dx = stream_rows(specs[net][bottom:], top - bottom, seed_rows, group, entry_pre_norm,
+                                       weight_grads, out_rows, join_rows)
+        rows, dx_rows = [(0, 0)] * bottom + sub_rows, [None] * bottom + sub_dx
         input_grad = out_rows is not None
         plan.streams.append(Stream(name, net, top, rows, dx_rows, weight_grads, input_grad, entry_pre_norm,
                                    None if join is None else join[1:]))
         flat = [v for i in range(top + 1) for v in (*rows[i], *(dx_rows[i] or (-1, -1)))]
         joined = (join[1], *join[2]) if join is not None else (-1, 0, 0)
         ints = (net, top, int(entry_pre_norm), int(input_grad), int(weight_grads), seed_rows[0], seed_rows[1],
-                *joined, *flat)
+                *joined, bottom, int(unit_seed), *flat)
         ins = (seed,) if join is None else (seed, join[0])
         dx = plan.one("backward", ins, ints=ints, floats=() if join is None else (join[3],))
-        return dx, dx_rows[0]
+        return dx, dx_rows[bottom]
 
     terms = {}  # each loss term's slot
     # ---- forward
@@ -319,17 +325,38 @@ def build_plan(specs: dict, tap: tuple, config: dict, mode: str, batch: int, com
         # ---- discriminator streams
         # The decoder needs the discriminator's input gradients on the image rows alone: [x_p (; x_rec)].
         images_rows = (B, dis_rows)
-        backward("D", DISCRIMINATOR, seeded(d_seed), (0, fakes_end), top, dis_group, True)
+        d_seed, g_seed = seeded(d_seed), seeded(g_seed)
+        # The discriminator gives one score per row, so above the highest layer where D and G must part (a layer
+        # that couples rows, or where the feature term joins G) each row's gradient is its seed times the same
+        # gradient of its score: "V", the stream of a seed of ones, runs there once, the weight gradients reading
+        # its output gradients times L_D's seed, and D and G start below it from V times their seeds.
+        part = max([i for i, sp in enumerate(dis_specs) if sp.couples_rows] +
+                   [tap_layer if mode == "vaegan" and join else -1])
+        g_top, g_from = g_seed, top
+        if part < top:
+            v_out = (0, fakes_end) if part >= 0 else images_rows
+            v_dx, v_rows = backward("V", DISCRIMINATOR, d_seed, (0, fakes_end), top, dis_group, True, v_out,
+                                    bottom=part + 1, unit_seed=True)
+            g_v = plan.one("rows", (v_dx,), ints=(B - v_rows[0], fakes_end - v_rows[0]))
+            g_top, g_from = plan.one("scale_rows", (g_v, g_seed)), part
+            if part >= 0:
+                d_seed = plan.one("scale_rows", (v_dx, d_seed))
+        if part >= 0:  # (part = -1: V formed every weight gradient)
+            backward("D", DISCRIMINATOR, d_seed, (0, fakes_end), g_from, dis_group, True)
+
+        def g_stream(join_=None):
+            if g_from < 0:  # V reached the input: G's input gradient is V's times its seed
+                return g_top, (B, fakes_end)
+            return backward("G" if join_ is None else "G+U", DISCRIMINATOR, g_top, (B, fakes_end), g_from,
+                            dis_group, False, images_rows, join=join_)
         if mode == "vaegan":
             if join:  # the decoder's gamma U on G from the tap down; U for the encoder's rows alone
-                g_dx, g_rows = backward("G+U", DISCRIMINATOR, seeded(g_seed), (B, fakes_end), top, dis_group, False,
-                                        images_rows, join=(u_seed, tap_layer, u_rows_seed, gamma))
+                g_dx, g_rows = g_stream((u_seed, tap_layer, u_rows_seed, gamma))
                 u_dx, u_rows = backward("U", DISCRIMINATOR, u_enc, u_rows_seed, tap_layer, dis_group, False,
                                         (2 * B, 3 * B), entry_pre_norm=pre)
                 dec_u = 0.0
             else:
-                g_dx, g_rows = backward("G", DISCRIMINATOR, seeded(g_seed), (B, fakes_end), top, dis_group, False,
-                                        images_rows)
+                g_dx, g_rows = g_stream()
                 u_dx, u_rows = backward("U", DISCRIMINATOR, u_enc, u_rows_seed, tap_layer, dis_group, False,
                                         images_rows, entry_pre_norm=pre)
                 dec_u = gamma / enc_llike if enc_llike > 0 else gamma
@@ -347,8 +374,7 @@ def build_plan(specs: dict, tap: tuple, config: dict, mode: str, batch: int, com
                 enc_up = plan.one("pixel_grad", (rec, X, *((LOSS_SCALE,) if scale_seeds else ())),
                                   ints=(int(scale_seeds),), floats=(pixel_weight / B,))
         else:
-            g_dx, g_rows = backward("G", DISCRIMINATOR, seeded(g_seed), (B, fakes_end), top, dis_group, False,
-                                    images_rows)
+            g_dx, g_rows = g_stream()
         if mode == "gan":  # the generator's gradient through the sigmoid, on the prior rows
             g_img = plan.one("rows", (g_dx,), ints=(B - g_rows[0], g_rows[1] - g_rows[0]))
             dec_up = plan.one("sigmoid_backward", (images, g_img))
