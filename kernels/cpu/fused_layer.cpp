@@ -26,7 +26,6 @@
 // (layer_product_dtype); a is rounded to bf16 once; the norm and its statistics compute in fp32.
 // Sums: fixed tasks of rows within one group, a partial per task,
 // partials added in task order in double: the same bits with any thread count.
-#include <cstdlib>
 #include "activation.h"
 #include "common.h"
 #include "ops.h"
@@ -364,7 +363,7 @@ void windows_scatter_kernel(const T* rows, T* image, const T* bias, const Window
     const int64_t run = d.kw * d.C, width = d.width(), pixels = d.H * d.W * d.C;
     T* const out = image + n * pixels;
     if (bias) {  // each pixel starts at its channel's bias (a transposed convolution's forward)
-      for (int64_t k = 0; k < pixels; k += d.C) std::memcpy(out + k, bias, d.C * sizeof(T));
+      for (int64_t k = 0; k < pixels; k += d.C) copy_run(out + k, bias, d.C);
     } else {
       std::memset(out, 0, pixels * sizeof(T));
     }
@@ -399,7 +398,8 @@ at::Tensor windows_gather(const at::Tensor& image_, const Windows& g) {
 
 // The adjoint: each pixel of the channels-last [N, C, H, W] image the sum of the window-row entries that read it.
 // With a bias (a transposed convolution's forward) each pixel's sum starts at its channel's bias.
-at::Tensor windows_scatter(const at::Tensor& rows_, const Windows& g, const std::optional<at::Tensor>& bias = std::nullopt) {
+at::Tensor windows_scatter(const at::Tensor& rows_, const Windows& g,
+                           const std::optional<at::Tensor>& bias = std::nullopt) {
   RECORD_FUNCTION("fused_layer::windows_scatter", std::vector<c10::IValue>());
   const at::Tensor rows = rows_.contiguous();
   at::Tensor image = at::empty({g.N, g.C, g.H, g.W}, rows.options().memory_format(at::MemoryFormat::ChannelsLast));
@@ -526,7 +526,8 @@ Tensors6 fused_layer_forward_keeping_windows(
     if (act != kIdentity && M * C > 0) {
       VFN_DISPATCH(dtype, "fused_layer_forward", [&] {
         using A = acc_t<scalar_t>;
-        const at::Tensor b = bias_in_epilogue ? bias->to(c10::CppTypeToScalarType<A>::value).contiguous() : at::Tensor();
+        const at::Tensor b =
+            bias_in_epilogue ? bias->to(c10::CppTypeToScalarType<A>::value).contiguous() : at::Tensor();
         with_activation(act, [&](auto activation) {
           act_in_place<decltype(activation)::value, scalar_t>(a.mutable_data_ptr<scalar_t>(),
                                                               keep_pre ? kept.mutable_data_ptr<scalar_t>() : nullptr,

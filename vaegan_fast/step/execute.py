@@ -272,12 +272,11 @@ def _backward(state: NetworkState, seeds: list, ints: tuple, floats: tuple, k: K
                 _, dw, db, dgamma, dbeta = k.layer_backward(spec, state.params[i], state.caches[i], dy_w, r0, r1,
                                                             (r0, r1), state.groups, False, False, True,
                                                             dy_writable=True)
-        else:
+        else:  # dy_writable: each stream owns its gradients
             dx, dw, db, dgamma, dbeta = k.layer_backward(spec, state.params[i], state.caches[i], g, r0, r1,
                                                          (d0, d1) if need_dx else (r0, r1), state.groups,
                                                          bool(entry_pre_norm) and i == top, need_dx,
-                                                         bool(weight_grads), dy_writable=True)  # each stream owns
-            # its gradients
+                                                         bool(weight_grads), dy_writable=True)
         if weight_grads and spec.is_product:
             state.grads[i] = (dw, db, dgamma, dbeta)
         g, g_rows = dx, (d0, d1)
