@@ -14,8 +14,9 @@ it out over the backend's kernels. Rows:
          coupling layer, or the feature term's join): one score per row makes each row's gradient there its seed
          times V's; the weight gradients read V's output gradients times L_D's seed, and D and G below start
          from V's input gradient times their seeds (none of it when nothing lies above that layer)
-      D  dL_D/ds over the rows L_D reads ([x; x_p (; x_rec)]), top to bottom, weight gradients
-      G  dL_G/ds over the fake rows, input gradients only
+      D  dL_D/ds over the rows L_D reads ([x; x_p (; x_rec)]), from below V (or the top) to the bottom, weight
+         gradients
+      G  dL_G/ds over the fake rows, from below V (or the top), input gradients only
       U  dL_llike/dD_l at the feature tap, input gradients only (encoder and decoder share it: its seed carries
          the encoder's weight of the term, the decoder reads it times gamma / that weight; or, when the
          decoder's share rides on G, U is the encoder's alone)
