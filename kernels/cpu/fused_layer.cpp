@@ -741,6 +741,8 @@ Tensors5 fused_layer_backward_with_windows(
   return {dx, dw, db, dgamma, dbeta};
 }
 
+namespace {
+
 // The ops as registered: the window rows gathered in each call.
 Tensors6 fused_layer_forward(
     const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
@@ -766,6 +768,8 @@ Tensors5 fused_layer_backward(
                                            entry_pre_norm, need_dx, need_dw, dx_start, dx_rows, dy_writable,
                                            at::Tensor());
 }
+
+}  // namespace
 
 TORCH_LIBRARY_IMPL(vaegan_fast_native, CPU, m) {
   m.impl("fused_layer_forward", &fused_layer_forward);

@@ -35,22 +35,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_act_backward(
 using Tensors5 = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 using Tensors6 = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 // fused_layer.cpp: {y, x as the product read it, pre-norm a, kept (y or pre-activation), mean, rstd} and
-// {dx, dW, db, dgamma, dbeta}
-Tensors6 fused_layer_forward(
-    const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-    const std::optional<at::Tensor>& norm_weight, const std::optional<at::Tensor>& norm_bias,
-    const std::optional<at::Tensor>& running_mean, const std::optional<at::Tensor>& running_var,
-    const std::optional<at::Tensor>& num_batches_tracked, int64_t kind, at::IntArrayRef stride,
-    at::IntArrayRef padding, at::IntArrayRef output_padding, bool norm, bool training, double momentum, double eps,
-    int64_t groups, int64_t act, double slope);
-Tensors5 fused_layer_backward(
-    const at::Tensor& dy, const at::Tensor& x, const at::Tensor& weight, bool has_bias,
-    const std::optional<at::Tensor>& pre, const at::Tensor& kept, const std::optional<at::Tensor>& mean,
-    const std::optional<at::Tensor>& rstd, const std::optional<at::Tensor>& norm_weight, int64_t kind,
-    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef output_padding, bool norm, bool training,
-    int64_t groups, int64_t act, double slope, bool entry_pre_norm, bool need_dx, bool need_dw, int64_t dx_start,
-    int64_t dx_rows, bool dy_writable);
-// The training step's (plan_step.cpp): a column-path conv2d's window rows of x, gathered once in forward
+// {dx, dW, db, dgamma, dbeta}, as the registered ops fused_layer_forward / fused_layer_backward give them, plus
+// for the training step (plan_step.cpp) a column-path conv2d's window rows of x, gathered once in forward
 // (*windows, when not null) and read back by its weight gradient (undefined: gathered again). Same results.
 Tensors6 fused_layer_forward_keeping_windows(
     const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
