@@ -20,7 +20,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import e2e  # noqa: E402
 from vaegan_fast import PRESETS, RECOMMENDED_BATCH  # noqa: E402
 
-GEMMS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::matmul", "aten::linear")
+GEMMS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::matmul", "aten::linear",
+         "products::onednn_matmul")  # the native ops' fp32 products on oneDNN (kernels/cpu/products.cpp)
 # oneDNN's and the fallback's convolutions, forward and backward (their self time is the product).
 CONVOLUTIONS = ("aten::mkldnn_convolution", "aten::convolution_backward", "aten::_convolution", "aten::convolution",
                 "aten::conv2d", "aten::conv_transpose2d", "aten::_slow_conv2d", "aten::slow_conv_transpose2d",

@@ -114,13 +114,14 @@ def native_backend() -> dict:
 
 
 def native_summary(env: dict) -> str:
-    """One line for a results header: ISA loaded and bf16 product path (why), and the CPU's bf16 flags."""
+    """One line for a results header: ISA loaded, bf16 and fp32 product paths (why), and the CPU's bf16 flags."""
     n, c = env.get("native") or {}, env.get("cpu") or {}
     flags = f"avx512_bf16 {'yes' if c.get('avx512_bf16') else 'no'}, amx {'yes' if c.get('amx') else 'no'}"
     if not n.get("isa"):
         return f"native backend: not loaded ({n.get('native_error') or n.get('error')}); {flags}"
+    fp32 = f"fp32 products {n['fp32_products']} ({n['fp32_reason']}); " if n.get("fp32_products") else ""
     return (f"native ISA {n['isa']} ({n['isa_reason']}); bf16 products {n['bf16_products']} ({n['bf16_reason']}); "
-            f"CPU {flags}")
+            f"{fp32}CPU {flags}")
 
 
 def environment(device: torch.device) -> dict:

@@ -23,7 +23,6 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
-#include <ATen/ops/mm.h>
 #include <ATen/ops/scalar_tensor.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
@@ -225,17 +224,33 @@ auto call_below_autograd(const c10::TypedOperatorHandle<Fn>& op, Args&&... args)
   return op.call(std::forward<Args>(args)...);
 }
 
-// ---- the bf16 product path ---------------------------------------------------------------------------
-// True: a bf16 op forms its products (at::mm / at::addmm / at::convolution) on its bf16 operands (oneDNN's
-// bf16 kernels, fp32 accumulation, the output rounded to bf16 once); false: the operands are upcast and the
-// product runs in fp32. Set from Python once at load time (vaegan_fast/ops/_native_lib.py: bf16 units on
-// the CPU, or VAEGAN_FAST_BF16_PRODUCTS); defined in library.cpp.
+// ---- the matrix products (products.cpp) -------------------------------------------------------------
+// a @ b and bias + a @ b (bias [N] broadcast over the rows): every GEMM of the native ops. fp32 products run on
+// torch's BLAS or, on the "onednn" path, the large ones on oneDNN's matmul; bf16 and fp64 ones on at::mm.
+at::Tensor product_mm(const at::Tensor& a, const at::Tensor& b);
+at::Tensor product_addmm(const at::Tensor& bias, const at::Tensor& a, const at::Tensor& b);
+
+// A product of more multiply-adds than this runs alone on every thread (smaller ones may run side by side, one
+// thread each), and is where oneDNN's per-call overhead no longer outweighs its faster kernel here: the default
+// smallest product of the "onednn" fp32 path.
+constexpr int64_t kLargeProductMacs = int64_t(1) << 24;
+
+// True: a bf16 op forms its products (product_mm / product_addmm / at::convolution) on its bf16 operands
+// (oneDNN's bf16 kernels, fp32 accumulation, the output rounded to bf16 once); false: the operands are upcast
+// and the product runs in fp32. Set from Python once at load time (vaegan_fast/ops/_native_lib.py: bf16 units
+// on the CPU, or VAEGAN_FAST_BF16_PRODUCTS).
 bool bf16_products();
 
 // The dtype a product of operands in `dtype` runs in.
 inline at::ScalarType product_dtype(at::ScalarType dtype) {
   return dtype == at::kBFloat16 && !bf16_products() ? at::kFloat : dtype;
 }
+
+// The configuration ops' functions (library.cpp registers them): each returns the previous setting.
+bool set_bf16_products(bool enabled);
+// fp32 products of at least min_macs multiply-adds go to oneDNN; a negative min_macs keeps them all on BLAS.
+int64_t set_onednn_min_macs(int64_t min_macs);
+bool onednn_matmul_available();
 
 // ---- dtype rules -------------------------------------------------------------------------------------
 inline void check_dtype(const at::Tensor& t, const char* op, const char* name) {

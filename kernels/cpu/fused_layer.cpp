@@ -1,8 +1,9 @@
 // The fused layer on the CPU (vaegan_fast/ops/layer/reference.py is its specification): a product, its bias, an
 // optional batch norm and an activation.
 //
-//   forward   a = product(x) + bias        dense: at::mm / at::addmm; conv2d and conv_transpose2d: at::convolution
-//                                           on channels-last tensors (oneDNN), the bias added inside it
+//   forward   a = product(x) + bias        dense: product_mm / product_addmm (common.h); conv2d and
+//                                           conv_transpose2d: at::convolution on channels-last tensors
+//                                           (oneDNN), the bias added inside it
 //             norm (training)               per group g of rows and channel c of the [M, C] matrix a (M = N H W:
 //                                           channels-last memory is that matrix): mean and biased variance in
 //                                           two passes; the running averages updated as nn.BatchNorm does
@@ -13,7 +14,7 @@
 //                                           dgamma = s2 rstd); pass 2: da = k dh + k2 a + k3 with
 //                                           k2 = -k rstd^2 s2 / m, k3 = k (rstd^2 s2 mean - s1) / m
 //             norm (eval)                   da = dh k, and s1, s2 for the affine parameters, in one pass
-//             dx, dW, db                    dense: at::mm (and the column sums of da); conv:
+//             dx, dW, db                    dense: product_mm (and the column sums of da); conv:
 //                                           at::convolution_backward (oneDNN)
 //
 // Bytes moved besides the products, n = M C values of size e: forward with a norm reads a three times and
@@ -31,7 +32,6 @@
 #include "ops.h"
 
 #include <ATen/record_function.h>
-#include <ATen/ops/addmm.h>
 #include <ATen/ops/convolution.h>
 #include <ATen/ops/convolution_backward.h>
 
@@ -432,7 +432,7 @@ at::Tensor rows_as_image(const at::Tensor& rows, int64_t n, int64_t oh, int64_t 
 at::Tensor product(int64_t kind, const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef output_padding,
                    at::Tensor* windows_out) {
-  if (kind == kDense) return bias ? at::addmm(*bias, x, weight.t()) : at::mm(x, weight.t());
+  if (kind == kDense) return bias ? product_addmm(*bias, x, weight.t()) : product_mm(x, weight.t());
   if (column_path(kind, weight)) {
     const int64_t n = x.size(0), kh = weight.size(2), kw = weight.size(3);
     if (kind == kConv) {  // output rows = window rows of x times the weight's rows
@@ -441,12 +441,12 @@ at::Tensor product(int64_t kind, const at::Tensor& x, const at::Tensor& weight, 
       const at::Tensor rows = windows_gather(x, windows_of(x, oh, ow, {kh, kw}, stride, padding));
       if (windows_out) *windows_out = rows;
       const at::Tensor w = weight_as_rows(weight).t();  // [kh kw Cin, Cout]
-      return rows_as_image(bias ? at::addmm(*bias, rows, w) : at::mm(rows, w), n, oh, ow);
+      return rows_as_image(bias ? product_addmm(*bias, rows, w) : product_mm(rows, w), n, oh, ow);
     }
     // conv_transpose2d: each input pixel's row times the weight's rows gives its output window, scattered
     const int64_t oh = (x.size(2) - 1) * stride[0] - 2 * padding[0] + kh + output_padding[0];
     const int64_t ow = (x.size(3) - 1) * stride[1] - 2 * padding[1] + kw + output_padding[1];
-    const at::Tensor windows = at::mm(image_rows(x), weight_as_rows(weight));  // [N H W, kh kw Cout]
+    const at::Tensor windows = product_mm(image_rows(x), weight_as_rows(weight));  // [N H W, kh kw Cout]
     Windows g{n, oh, ow, weight.size(1), x.size(2), x.size(3), kh, kw, stride[0], stride[1], padding[0], padding[1]};
     return windows_scatter(windows, g, bias);
   }
@@ -466,13 +466,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> column_backward(int64_t kind, con
   if (kind == kConv) {  // out = rows(x) W^T: dW = da^T rows(x), dx = scatter(da W)
     const Windows g = windows_of(x, da.size(2), da.size(3), {kh, kw}, stride, padding);
     if (need_dw)
-      dw = rows_as_weight(at::mm(da_rows.t(), windows.defined() ? windows : windows_gather(x, g)), weight.sizes());
-    if (need_dx) dx = windows_scatter(at::mm(da_rows, w), g);
+      dw = rows_as_weight(product_mm(da_rows.t(), windows.defined() ? windows : windows_gather(x, g)),
+                          weight.sizes());
+    if (need_dx) dx = windows_scatter(product_mm(da_rows, w), g);
   } else {  // windows(y) = x_rows W: dx = rows(da) W^T, dW = x_rows^T rows(da)
     const Windows g = windows_of(da, x.size(2), x.size(3), {kh, kw}, stride, padding);
     const at::Tensor rows = windows_gather(da, g);  // [N H W, kh kw Cout]
-    if (need_dw) dw = rows_as_weight(at::mm(image_rows(x).t(), rows), weight.sizes());
-    if (need_dx) dx = rows_as_image(at::mm(rows, w.t()), x.size(0), x.size(2), x.size(3));
+    if (need_dw) dw = rows_as_weight(product_mm(image_rows(x).t(), rows), weight.sizes());
+    if (need_dx) dx = rows_as_image(product_mm(rows, w.t()), x.size(0), x.size(2), x.size(3));
   }
   if (need_db) db = da_rows.sum(0);
   return {dx, dw, db};
@@ -694,9 +695,9 @@ Tensors5 fused_layer_backward_with_windows(
   const at::Tensor x_dx = all_rows ? x_p : x_p.narrow(0, dx_start, dx_rows);
   at::Tensor dx = none(), dw = none(), db = none();
   if (kind == kDense) {
-    if (need_dx) dx = at::mm(da_dx, w_p).to(dtype);
+    if (need_dx) dx = product_mm(da_dx, w_p).to(dtype);
     if (need_dw) {
-      dw = at::mm(da_p.t(), x_p).to(dtype);
+      dw = product_mm(da_p.t(), x_p).to(dtype);
       if (has_bias) db = da_p.sum(0).to(dtype);
     }
   } else if (column_path(kind, weight_)) {

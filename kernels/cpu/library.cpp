@@ -5,7 +5,6 @@
 // torch.ops.load_library(path) after importing torch.
 #include "common.h"
 
-#include <atomic>
 #include <string>
 
 #include <torch/library.h>
@@ -16,22 +15,21 @@
 
 namespace vaegan_fast_native {
 namespace {
-// The bf16 product path: false (the default until Python sets it at load time) upcasts bf16 operands to fp32.
-std::atomic<bool> g_bf16_products{false};
-
-bool set_bf16_products_op(bool enabled) { return g_bf16_products.exchange(enabled); }
 std::string build_isa_op() { return VAEGAN_FAST_ISA; }
 }  // namespace
-
-bool bf16_products() { return g_bf16_products.load(std::memory_order_relaxed); }
 }  // namespace vaegan_fast_native
 
 TORCH_LIBRARY(vaegan_fast_native, m) {
   // Configuration (vaegan_fast/ops/_native_lib.py calls these once at load time; tests switch the path):
   // set_bf16_products(True) forms bf16 products (GEMMs, convolutions) in bf16 with fp32 accumulation
-  // (oneDNN), False upcasts their operands to fp32; it returns the previous setting. build_isa: the ISA this
-  // copy of the library was compiled for ("generic", "avx2", "avx512").
-  m.def("set_bf16_products(bool enabled) -> bool", &vaegan_fast_native::set_bf16_products_op);
+  // (oneDNN), False upcasts their operands to fp32; set_onednn_min_macs(n) sends fp32 products of at least n
+  // multiply-adds to oneDNN's matmul (n < 0: none, all on torch's BLAS); both return the previous setting, and
+  // products.cpp says what each path does. build_isa: the ISA this copy of the library was compiled for
+  // ("generic", "avx2", "avx512").
+  m.def("set_bf16_products(bool enabled) -> bool", &vaegan_fast_native::set_bf16_products);
+  m.def("set_onednn_min_macs(int min_macs) -> int", &vaegan_fast_native::set_onednn_min_macs);
+  m.def("onednn_matmul_available() -> bool", &vaegan_fast_native::onednn_matmul_available);
+  m.def("large_product_macs() -> int", [] { return vaegan_fast_native::kLargeProductMacs; });
   m.def("build_isa() -> str", &vaegan_fast_native::build_isa_op);
   // (z, kl) = reparam_kl(mu, logvar, eps); grads of mu, logvar (and eps when need_grad_eps, else empty).
   m.def("reparam_kl(Tensor mu, Tensor logvar, Tensor eps) -> (Tensor, Tensor)");

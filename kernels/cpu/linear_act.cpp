@@ -1,11 +1,12 @@
-// linear_act on the CPU: GEMM through ATen (BLAS), bias and activation in one pass over its output.
+// linear_act on the CPU: GEMM through common.h's product_mm (BLAS or oneDNN), bias and activation in one pass over
+// its output.
 //
-//   forward   a = x @ weight.T                      at::mm, x [M, K], weight [N, K]
+//   forward   a = x @ weight.T                      product_mm, x [M, K], weight [N, K]
 //             y = act(a + bias)                     one pass over a (in place when y is all backward needs);
-//                                                   identity: at::addmm adds the bias inside the GEMM, no pass
+//                                                   identity: product_addmm adds the bias inside the GEMM
 //   backward  ga = grad_y * act'(.)                 one pass; the bias gradient (column sums of ga) is
 //                                                   accumulated in the same pass
-//             grad_x = ga @ weight, grad_weight = ga.T @ x     at::mm, the two side by side on two threads
+//             grad_x = ga @ weight, grad_weight = ga.T @ x     product_mm, the two side by side on two threads
 //
 //   act'(.) is formed from y where that is exact: relu (y > 0), leaky_relu with slope > 0 (y > 0 ? 1 : s),
 //   tanh (1 - y^2), sigmoid (y (1 - y)), identity (no pass at all); gelu (tanh form) and leaky_relu with a
@@ -165,7 +166,7 @@ std::tuple<at::Tensor, at::Tensor> linear_act(const at::Tensor& x, const at::Ten
   if (act == kIdentity) {
     // No activation: BLAS adds the bias itself (beta = 1 over the bias rows), in the same pass that writes
     // the product, instead of a second pass over the output.
-    at::Tensor a = bp ? at::addmm(*bp, xp, wp.t()) : at::mm(xp, wp.t());
+    at::Tensor a = bp ? product_addmm(*bp, xp, wp.t()) : product_mm(xp, wp.t());
     if (!a.is_contiguous()) a = a.contiguous();
     return {upcast ? a.to(at::kBFloat16) : a, at::empty({0}, x.options())};
   }
@@ -174,7 +175,7 @@ std::tuple<at::Tensor, at::Tensor> linear_act(const at::Tensor& x, const at::Ten
   // values near zero changed sign against the fp64 reference where eager's did not, and each flipped a relu
   // mask entry: a weight-gradient error of |g x| (measured: 14 flips in 257x65, 60x eager's error).
   const bool bias_in_gemm = has_bias && xp.scalar_type() == at::kBFloat16;
-  at::Tensor a = bias_in_gemm ? at::addmm(*bp, xp, wp.t()) : at::mm(xp, wp.t());
+  at::Tensor a = bias_in_gemm ? product_addmm(*bp, xp, wp.t()) : product_mm(xp, wp.t());
   if (!a.is_contiguous()) a = a.contiguous();
   const bool add_bias = has_bias && !bias_in_gemm;
   // The outputs: in place over a (the pre-activation is a itself, rewritten only when the bias is added here),
@@ -250,16 +251,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_act_backward(
   }
   const at::Tensor ga_mm = bf16 ? ga.to(at::kFloat) : ga;  // a no-op unless the identity left ga = gy
   at::Tensor gx = at::empty({0}, x.options()), gw = at::empty({0}, x.options());
-  auto grad_input = [&] { gx = at::mm(ga_mm, bf16 ? weight.to(at::kFloat) : weight); };
-  auto grad_weight = [&] { gw = at::mm(ga_mm.t(), bf16 ? x.to(at::kFloat) : x); };
+  auto grad_input = [&] { gx = product_mm(ga_mm, bf16 ? weight.to(at::kFloat) : weight); };
+  auto grad_weight = [&] { gw = product_mm(ga_mm.t(), bf16 ? x.to(at::kFloat) : x); };
   // The two products are independent: on two threads they run side by side, one thread each (BLAS runs
   // single-threaded inside a parallel region). BLAS's own two-thread split of one small product spends much
   // of its time in OpenMP's fork and join; of a large one it does not, and there one thread per product is
-  // slower (docs/performance.md): side by side up to kSideBySideMacs multiply-adds per product.
+  // slower (docs/performance.md): side by side up to kLargeProductMacs multiply-adds per product.
   // With 1 or 2 threads each product is then computed by single-threaded BLAS: the same bits either way.
-  constexpr int64_t kSideBySideMacs = int64_t(1) << 24;
   if (mask[0] && mask[1] && at::get_num_threads() <= 2 && !at::in_parallel_region() &&
-      M * N * x.size(1) <= kSideBySideMacs) {
+      M * N * x.size(1) <= kLargeProductMacs) {
     at::parallel_for(0, 2, 1, [&](int64_t begin, int64_t end) {
       for (int64_t which = begin; which < end; ++which) which == 0 ? grad_input() : grad_weight();
     });

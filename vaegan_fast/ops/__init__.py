@@ -55,10 +55,11 @@ except Exception as _exc:  # pragma: no cover - depends on the build
 def backend_info() -> dict:
     """What the CPU backend runs on, and why: the native library's ISA ("generic", "avx2", "avx512"; None when
     the native backend did not load, with ``native_error``), the bf16 product path ("bf16": products on bf16
-    operands through oneDNN, fp32 accumulation; "fp32": operands upcast) and the reasons for both, next to
-    what torch reports about the CPU; for the triton backend, why it did not load. The choices are made when
-    vaegan_fast is imported (environment: VAEGAN_FAST_ARCH, VAEGAN_FAST_BF16_PRODUCTS; see
-    vaegan_fast/ops/_native_lib.py)."""
+    operands through oneDNN, fp32 accumulation; "fp32": operands upcast), the fp32 product path ("onednn": the
+    large fp32 GEMMs on oneDNN's matmul; "blas": all on torch's BLAS) and the reasons for each, next to what
+    torch reports about the CPU; for the triton backend, why it did not load. The choices are made when
+    vaegan_fast is imported (environment: VAEGAN_FAST_ARCH, VAEGAN_FAST_BF16_PRODUCTS, VAEGAN_FAST_FP32_PRODUCTS;
+    see vaegan_fast/ops/_native_lib.py)."""
     import sys
 
     import torch
@@ -69,7 +70,7 @@ def backend_info() -> dict:
             "avx512_bf16": bool(getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()),
             "amx": bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()),
             "isa": None, "isa_reason": None, "library": None, "cpu_isas": None, "bf16_products": None,
-            "bf16_reason": None, "native_error": None,
+            "bf16_reason": None, "fp32_products": None, "fp32_reason": None, "native_error": None,
             "triton_error": d._load_errors.get("triton")}
     lib = sys.modules.get(__name__ + "._native_lib")
     if lib is None or "native" in d._load_errors:

@@ -9,7 +9,7 @@ so no Python runs between the call and the kernel). Each op's ``native.py`` (vae
 adds the fake (meta) implementations of its C++ ops with ``torch.library`` and registers its implementation
 with the dispatcher under "native", so ``torch.library.opcheck`` and torch.compile see ordinary custom ops.
 
-Two choices are made here, once, at import (``backend_info()`` reports both and why):
+Three choices are made here, once, at import (``backend_info()`` reports them and why):
 
 - **ISA.** The same kernels are built for ``generic`` (no ISA flags), ``avx2`` and ``avx512``; exactly one is
   loaded per process (they register the same op namespace). The default follows ATen's own dispatch,
@@ -23,6 +23,11 @@ Two choices are made here, once, at import (``backend_info()`` reports both and 
   ``VAEGAN_FAST_BF16_PRODUCTS=bf16|fp32|auto`` forces the choice; ``bf16_products(mode)`` switches it for a
   block of code (tests run both paths on any machine). Both paths meet the bf16 accuracy rule
   (vaegan_fast/testing.py).
+- **fp32 products.** torch's BLAS (MKL in its x86-64 wheels) runs its own fastest kernels on Intel CPUs only;
+  elsewhere (an AMD Zen 4: 15-30% faster, docs/performance.md) fp32 GEMMs of more than 2^24 multiply-adds go
+  to oneDNN's matmul, the one ATen calls for bf16 products ("onednn"; smaller ones stay on BLAS, which costs
+  less per call). ``VAEGAN_FAST_FP32_PRODUCTS=onednn|blas|auto`` forces the choice and ``fp32_products(mode)``
+  switches it for a block of code. Both paths meet the fp32 rule; their bits differ.
 
 Importing this module raises ImportError when the library is missing or fails to load; ``ops/__init__``
 records the reason, so ``backend="native"`` says how to build it and ``backend="auto"`` falls back to the
@@ -51,6 +56,8 @@ ISAS = ("generic", "avx2", "avx512")  # narrowest first
 ARCH_ENV = "VAEGAN_FAST_ARCH"
 BF16_ENV = "VAEGAN_FAST_BF16_PRODUCTS"
 BF16_MODES = ("auto", "bf16", "fp32")
+FP32_ENV = "VAEGAN_FAST_FP32_PRODUCTS"
+FP32_MODES = ("auto", "onednn", "blas")
 _CAPABILITY_ISA = {"DEFAULT": "generic", "NO AVX": "generic", "AVX2": "avx2", "AVX512": "avx512"}
 
 
@@ -130,37 +137,119 @@ def cpu_has_bf16_units() -> bool:
     return False
 
 
+def _env_mode(env: str, modes: tuple) -> str:
+    mode = os.environ.get(env, "auto").strip().lower() or "auto"
+    if mode not in modes:
+        raise ImportError(f"{env}={mode!r}: choose one of {', '.join(modes)}")
+    return mode
+
+
 def choose_bf16_products() -> tuple:
     """(path, reason): "bf16" or "fp32", from VAEGAN_FAST_BF16_PRODUCTS or the CPU."""
-    mode = os.environ.get(BF16_ENV, "auto").strip().lower() or "auto"
-    if mode not in BF16_MODES:
-        raise ImportError(f"{BF16_ENV}={mode!r}: choose one of {', '.join(BF16_MODES)}")
-    if mode != "auto":
-        return mode, f"{BF16_ENV}={mode}"
+    mode = _env_mode(BF16_ENV, BF16_MODES)
+    return (mode, f"{BF16_ENV}={mode}") if mode != "auto" else _bf16_rule()
+
+
+def _bf16_rule() -> tuple:
+    if not cpu_has_bf16_units():
+        return "fp32", "the CPU has no bf16 units (bf16 products would be emulated): operands upcast to fp32"
     amx = bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
-    if cpu_has_bf16_units():
-        return "bf16", "the CPU has bf16 units (" + ("AMX" if amx else "avx512_bf16") + "): oneDNN bf16 products"
-    return "fp32", "the CPU has no bf16 units (bf16 products would be emulated): operands upcast to fp32"
+    return "bf16", "the CPU has bf16 units (" + ("AMX" if amx else "avx512_bf16") + "): oneDNN bf16 products"
+
+
+def cpu_vendor() -> str:
+    """The CPU's vendor string from /proc/cpuinfo ("GenuineIntel", "AuthenticAMD", ...; "" where unknown)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("vendor_id"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:  # pragma: no cover
+        pass
+    return ""
+
+
+def choose_fp32_products(onednn_available: bool) -> tuple:
+    """(path, reason): "onednn" or "blas", from VAEGAN_FAST_FP32_PRODUCTS or the CPU and torch's BLAS."""
+    mode = _env_mode(FP32_ENV, FP32_MODES)
+    if mode == "onednn" and not onednn_available:
+        raise ImportError(f"{FP32_ENV}=onednn: this torch does not export oneDNN's matmul "
+                          "(at::native::mkldnn_matmul); unset it or choose blas")
+    return (mode, f"{FP32_ENV}={mode}") if mode != "auto" else _fp32_rule(onednn_available)
+
+
+def _fp32_rule(onednn_available: bool) -> tuple:
+    if not onednn_available:
+        return "blas", "this torch does not export oneDNN's matmul: torch's BLAS"
+    vendor, mkl = cpu_vendor(), torch.backends.mkl.is_available()
+    if vendor == "GenuineIntel" and mkl:
+        return "blas", "an Intel CPU: torch's BLAS (MKL) runs its own kernels for it"
+    return "onednn", (f"a CPU not made by Intel ({vendor or 'vendor unknown'}): oneDNN's matmul for fp32 "
+                      f"products over 2^24 multiply-adds, {'MKL' if mkl else 'BLAS'} for smaller ones")
 
 
 _STATE: dict = {}
+_MODES = {"bf16_products": BF16_MODES, "fp32_products": FP32_MODES}
+_REASON = {"bf16_products": "bf16_reason", "fp32_products": "fp32_reason"}
+
+
+def _apply(path: str, mode: str, min_macs: Optional[int] = None) -> None:
+    """Hand a product path to the library; min_macs: the smallest fp32 product oneDNN forms (default: more
+    than 2^24 multiply-adds; tests send every product there)."""
+    native = torch.ops.vaegan_fast_native
+    if path == "bf16_products":
+        native.set_bf16_products(mode == "bf16")
+    else:
+        if mode == "onednn" and min_macs is None:
+            min_macs = native.large_product_macs() + 1
+        native.set_onednn_min_macs(min_macs if mode == "onednn" else -1)
+        _STATE["onednn_min_macs"] = min_macs if mode == "onednn" else None
+    _STATE[path] = mode
 
 
 def load_library(folder: str = LIB_DIR) -> None:
     isa, isa_reason = choose_isa(folder)
     path = library_path(isa, folder)
-    path_mode, bf16_reason = choose_bf16_products()
+    bf16_mode, bf16_reason = choose_bf16_products()
     try:
         torch.ops.load_library(path)
     except OSError as exc:
         raise ImportError(f"the native CPU library {path} failed to load: {exc}") from exc
     built = torch.ops.vaegan_fast_native.build_isa()
-    torch.ops.vaegan_fast_native.set_bf16_products(path_mode == "bf16")
-    _STATE.update(isa=built, isa_reason=isa_reason, library=path, bf16_products=path_mode,
-                  bf16_reason=bf16_reason)
+    onednn = torch.ops.vaegan_fast_native.onednn_matmul_available()
+    fp32_mode, fp32_reason = choose_fp32_products(onednn)
+    _STATE.update(isa=built, isa_reason=isa_reason, library=path, bf16_reason=bf16_reason, fp32_reason=fp32_reason,
+                  onednn_available=onednn)
+    _apply("bf16_products", bf16_mode)
+    _apply("fp32_products", fp32_mode)
 
 
 load_library()
+
+
+def _set(path: str, mode: str, min_macs: Optional[int] = None) -> str:
+    if mode not in _MODES[path]:
+        raise ValueError(f"{path.replace('_', ' ')}: choose one of {', '.join(_MODES[path])}, got {mode!r}")
+    if mode == "onednn" and not _STATE["onednn_available"]:
+        raise ValueError("fp32 products: this torch does not export oneDNN's matmul; choose blas")
+    previous = _STATE[path]
+    reason = f"set_{path}({mode!r})"
+    if mode == "auto":
+        mode = _bf16_rule()[0] if path == "bf16_products" else _fp32_rule(_STATE["onednn_available"])[0]
+    _apply(path, mode, min_macs)
+    _STATE[_REASON[path]] = reason
+    return previous
+
+
+@contextlib.contextmanager
+def _switched(path: str, mode: str, min_macs: Optional[int] = None):
+    previous = (_STATE[path], _STATE[_REASON[path]], _STATE.get("onednn_min_macs"))
+    _set(path, mode, min_macs)
+    try:
+        yield
+    finally:
+        _apply(path, previous[0], previous[2])
+        _STATE[_REASON[path]] = previous[1]
 
 
 def get_bf16_products() -> str:
@@ -171,36 +260,37 @@ def get_bf16_products() -> str:
 def set_bf16_products(mode: str) -> str:
     """Switch the bf16 product path ("bf16", "fp32" or "auto": what the CPU suggests); returns the previous one.
     For tests and benchmarks: the step's results differ between the paths, so switch between steps only."""
-    if mode not in BF16_MODES:
-        raise ValueError(f"bf16 products: choose one of {', '.join(BF16_MODES)}, got {mode!r}")
-    previous = _STATE["bf16_products"]
-    if mode == "auto":
-        mode = "bf16" if cpu_has_bf16_units() else "fp32"
-        reason = "set_bf16_products('auto')"
-    else:
-        reason = f"set_bf16_products({mode!r})"
-    torch.ops.vaegan_fast_native.set_bf16_products(mode == "bf16")
-    _STATE.update(bf16_products=mode, bf16_reason=reason)
-    return previous
+    return _set("bf16_products", mode)
 
 
-@contextlib.contextmanager
 def bf16_products(mode: str):
     """``with bf16_products("bf16"): ...`` runs the block on that product path, then restores the previous."""
-    previous, reason = _STATE["bf16_products"], _STATE["bf16_reason"]
-    set_bf16_products(mode)
-    try:
-        yield
-    finally:
-        torch.ops.vaegan_fast_native.set_bf16_products(previous == "bf16")
-        _STATE.update(bf16_products=previous, bf16_reason=reason)
+    return _switched("bf16_products", mode)
+
+
+def get_fp32_products() -> str:
+    """The fp32 product path now in force: "onednn" or "blas"."""
+    return _STATE["fp32_products"]
+
+
+def set_fp32_products(mode: str) -> str:
+    """Switch the fp32 product path ("onednn", "blas" or "auto"); returns the previous one. As for bf16: switch
+    between steps only."""
+    return _set("fp32_products", mode)
+
+
+def fp32_products(mode: str, min_macs: Optional[int] = None):
+    """``with fp32_products("onednn"): ...`` runs the block on that path, then restores the previous; min_macs
+    (onednn only) moves the smallest product oneDNN forms (0: every fp32 product, as the tests run it)."""
+    return _switched("fp32_products", mode, min_macs)
 
 
 def info() -> dict:
     """What was loaded and why (vaegan_fast.backend_info() adds it under "native")."""
     return {"isa": _STATE["isa"], "isa_reason": _STATE["isa_reason"], "library": _STATE["library"],
             "cpu_isas": list(cpu_isas()), "bf16_products": _STATE["bf16_products"],
-            "bf16_reason": _STATE["bf16_reason"]}
+            "bf16_reason": _STATE["bf16_reason"], "fp32_products": _STATE["fp32_products"],
+            "fp32_reason": _STATE["fp32_reason"]}
 
 
 class _Ops:
