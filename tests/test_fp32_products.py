@@ -64,6 +64,14 @@ def test_the_environment_forces_the_path(mode):
     assert out == f"{mode} | VAEGAN_FAST_FP32_PRODUCTS={mode}"
 
 
+def test_a_refused_setting_leaves_the_native_backend_unavailable_with_the_reason():
+    code = "import vaegan_fast; i = vaegan_fast.backend_info(); print(i['isa'], '|', i['native_error'])"
+    env = dict(os.environ, VAEGAN_FAST_FP32_PRODUCTS="mkl")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True,
+                         timeout=300).stdout.strip()
+    assert out == "None | VAEGAN_FAST_FP32_PRODUCTS='mkl': choose one of auto, onednn, blas"
+
+
 def _calls_mm(fn) -> bool:
     """Whether fn's product went to torch's BLAS (aten::mm) rather than oneDNN (the native ops' own event)."""
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:

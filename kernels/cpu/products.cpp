@@ -5,7 +5,8 @@
 //   bf16 operands   on them (oneDNN's bf16 kernels, fp32 accumulation) when bf16_products(), else upcast to fp32
 //   fp32 operands   "blas":   at::mm / at::addmm, torch's BLAS (MKL in torch's x86-64 wheels)
 //                   "onednn": oneDNN's matmul (at::native::mkldnn_matmul, what ATen itself calls for bf16 mm) for
-//                             products of at least onednn_min_macs() multiply-adds, BLAS for smaller ones
+//                             products of at least set_onednn_min_macs()'s multiply-adds (from Python: more than
+//                             kLargeProductMacs), BLAS for smaller ones
 //   fp64 operands   at::mm
 //
 // Why two fp32 paths: MKL keeps its fastest kernels for Intel CPUs, and on an AMD Zen 4 oneDNN's fp32 matmul ran

@@ -211,6 +211,7 @@ def load_library(folder: str = LIB_DIR) -> None:
     isa, isa_reason = choose_isa(folder)
     path = library_path(isa, folder)
     bf16_mode, bf16_reason = choose_bf16_products()
+    _env_mode(FP32_ENV, FP32_MODES)  # refused before anything is loaded; chosen once the library says what it has
     try:
         torch.ops.load_library(path)
     except OSError as exc:
