@@ -68,7 +68,7 @@ bool channels_last_only(const at::Tensor& t) {
   return t.dim() == 4 && !t.is_contiguous() && t.is_contiguous(at::MemoryFormat::ChannelsLast);
 }
 
-// execute.py's rows_view, from_rows and like_layout.
+// execute.py's rows_view, from_rows, scale_rows and like_layout.
 at::Tensor rows_view(const at::Tensor& t) {
   if (channels_last_only(t)) return t.permute({0, 2, 3, 1}).reshape({t.size(0), -1});
   return t.reshape({t.size(0), -1});
@@ -81,6 +81,13 @@ at::Tensor from_rows(const at::Tensor& g, const at::Tensor& like) {
   std::vector<int64_t> shape(like.sizes().begin(), like.sizes().end());
   shape[0] = n;
   return g.reshape(shape);
+}
+
+// Each row of t times its entry of s ([rows] or [rows, 1]): execute.py's scale_rows.
+at::Tensor scale_rows(const at::Tensor& t, const at::Tensor& s) {
+  std::vector<int64_t> shape(t.dim(), 1);
+  shape[0] = -1;
+  return t.mul(s.view(shape));
 }
 
 at::Tensor like_layout(const at::Tensor& t, const at::Tensor& like) {
@@ -275,12 +282,7 @@ at::Tensor stream_backward(Network& net, const at::Tensor& seed, const at::Tenso
     const bool need_dx = d0 >= 0;
     std::array<at::Tensor, 5> out;
     if (unit) {  // no layer here couples rows: the input gradient on its own rows, the weight gradients apart
-      at::Tensor dy_w;
-      if (l.kind <= kConvTLayer) {
-        std::vector<int64_t> shape(g.dim(), 1);
-        shape[0] = -1;
-        dy_w = g.mul(scale.narrow(0, r0 - s0, r1 - r0).view(shape));
-      }
+      const at::Tensor dy_w = l.kind <= kConvTLayer ? scale_rows(g, scale.narrow(0, r0 - s0, r1 - r0)) : at::Tensor();
       if (need_dx) out[0] = layer_backward(l, net.caches[i], g.narrow(0, d0 - r0, d1 - d0), d0, d1, d0, d1,
                                            net.groups, false, true, false)[0];
       if (dy_w.defined()) {
@@ -503,12 +505,7 @@ std::vector<at::Tensor> plan_step(const c10::List<std::optional<at::Tensor>>& in
       case kCatCols: out = {at::cat({in(0), in(1)}, 1)}; break;
       case kScale: out = {in(0).mul(in(1))}; break;
       case kCast: out = {in(0).to(plan_dtype(ints[0]))}; break;
-      case kScaleRows: {  // each row of in(0) times its entry of in(1) ([rows, 1])
-        std::vector<int64_t> shape(in(0).dim(), 1);
-        shape[0] = -1;
-        out = {in(0).mul(in(1).view(shape))};
-        break;
-      }
+      case kScaleRows: out = {scale_rows(in(0), in(1))}; break;
       default: TORCH_CHECK(false, "vaegan_fast native plan_step: unknown op ", op);
     }
     for (size_t k = 0; k < outs.size() && k < out.size(); ++k) slot[outs[k]] = out[k];

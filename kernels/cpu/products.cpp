@@ -10,8 +10,8 @@
 //   fp64 operands   at::mm
 //
 // Why two fp32 paths: MKL keeps its fastest kernels for Intel CPUs, and on an AMD Zen 4 oneDNN's fp32 matmul ran
-// 15-30% faster on the large products, while spending ~20 us more per call (docs/performance.md). Both paths are
-// deterministic for a given shape and thread count; their bits differ.
+// the large products 7-80% (most about 25%) faster, while spending ~20 us more per call (docs/performance.md).
+// Both paths are deterministic for a given shape and thread count; their bits differ.
 #include "common.h"
 
 #include <atomic>

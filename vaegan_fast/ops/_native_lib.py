@@ -24,7 +24,7 @@ Three choices are made here, once, at import (``backend_info()`` reports them an
   block of code (tests run both paths on any machine). Both paths meet the bf16 accuracy rule
   (vaegan_fast/testing.py).
 - **fp32 products.** torch's BLAS (MKL in its x86-64 wheels) runs its own fastest kernels on Intel CPUs only;
-  elsewhere (an AMD Zen 4: 15-30% faster, docs/performance.md) fp32 GEMMs of more than 2^24 multiply-adds go
+  elsewhere (an AMD Zen 4: 7-80% faster, docs/performance.md) fp32 GEMMs of more than 2^24 multiply-adds go
   to oneDNN's matmul, the one ATen calls for bf16 products ("onednn"; smaller ones stay on BLAS, which costs
   less per call). ``VAEGAN_FAST_FP32_PRODUCTS=onednn|blas|auto`` forces the choice and ``fp32_products(mode)``
   switches it for a block of code. Both paths meet the fp32 rule; their bits differ.

@@ -59,6 +59,11 @@ def from_rows(g: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return g.reshape(n, *like.shape[1:])
 
 
+def scale_rows(t: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """Each row of ``t`` times its entry of ``s`` ([rows] or [rows, 1])."""
+    return t * s.view(-1, *[1] * (t.dim() - 1))
+
+
 def like_layout(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """``t`` in ``like``'s memory layout (a copy only when they differ): elementwise kernels read both flat."""
     if t.dim() == 4 and like.is_contiguous(memory_format=torch.channels_last) and not like.is_contiguous():
@@ -212,8 +217,8 @@ def run_plan(plan, networks: dict, inputs: list, kernels: Kernels, on_network_do
             out = (torch.cat(a, 1),)
         elif op == "scale":
             out = (a[0] * a[1],)
-        elif op == "scale_rows":  # each row of a[0] times its entry of a[1] ([rows, 1])
-            out = (a[0] * a[1].view(-1, *[1] * (a[0].dim() - 1)),)
+        elif op == "scale_rows":
+            out = (scale_rows(a[0], a[1]),)
         elif op == "cast":
             out = (a[0].to(DTYPES[ins.ints[0]]),)
         else:  # pragma: no cover - the planner emits only the ops above
@@ -262,8 +267,7 @@ def _backward(state: NetworkState, seeds: list, ints: tuple, floats: tuple, k: K
         spec = state.specs[i]
         need_dx = d0 >= 0
         if unit:  # no layer here couples rows: the input gradient on its own rows, the weight gradients apart
-            row_scale = scale.narrow(0, r0 - s0, r1 - r0)
-            dy_w = g * row_scale.view(-1, *[1] * (g.dim() - 1)) if spec.is_product else None
+            dy_w = scale_rows(g, scale.narrow(0, r0 - s0, r1 - r0)) if spec.is_product else None
             dx = None
             if need_dx:
                 dx = k.layer_backward(spec, state.params[i], state.caches[i], g.narrow(0, d0 - r0, d1 - d0), d0, d1,
