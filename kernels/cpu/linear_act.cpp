@@ -82,8 +82,8 @@ void epilogue_kernel(const In* a, Out* pre, Out* y, const acc_t<In>* bias, int64
   });
 }
 
-// ga = grad_y * act'(saved) (none for the identity: ga is grad_y), stored as G (T, or fp32 on bf16's fp32 product
-// path, where the GEMMs read it); column sums of ga into bias_grad (when not null), per row-task in fp32 (fp64
+// ga = grad_y * act'(saved), stored as G (T, or fp32 on bf16's fp32 product path, where the GEMMs read it); for the
+// identity ga is grad_y, stored only where ga is given (the fp32 copy the GEMMs read); column sums of ga into bias_grad (when not null), per row-task in fp32 (fp64
 // for double) and the tasks added in order.
 template <int64_t Act, typename T, typename G>
 void backward_kernel(const T* gy, const T* saved, G* ga, acc_t<T>* bias_grad, int64_t M, int64_t N,
@@ -111,6 +111,8 @@ void backward_kernel(const T* gy, const T* saved, G* ga, acc_t<T>* bias_grad, in
           C s;
           s.load(saved_ + off + j, m);
           for (int k = 0; k < C::kVecs; ++k) g.v[k] = derivative<Act>(g.v[k], s.v[k], slope_);
+        }
+        if (Act != kIdentity || ga_) {
           Chunk<G> o;
           for (int k = 0; k < C::kVecs; ++k) o.v[k] = g.v[k];
           o.store(ga_ + off + j, m);
@@ -221,12 +223,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_act_backward(
   // fp32 by the derivative pass itself (unrounded: the product then reads what eager's fp32 would).
   const bool bf16 = product_dtype(x.scalar_type()) != x.scalar_type();
   at::Tensor ga = gy, bias_grad = at::empty({0}, x.options());
-  if (act != kIdentity || mask[2]) {
+  // On the fp32 product path the pass also writes the identity's fp32 ga, with the bias sums in the same read of
+  // grad_y (a cast and then a sum had read it twice).
+  const bool fp32_ga = bf16 && (mask[0] || mask[1]);
+  if (act != kIdentity || mask[2] || fp32_ga) {
     at::Tensor saved = act == kIdentity ? at::Tensor() : saved_.contiguous();
     if (saved.defined())
       TORCH_CHECK(saved.sizes() == gy.sizes() && saved.scalar_type() == gy.scalar_type(),
                   "vaegan_fast native linear_act_backward: saved must be [M, N] of the inputs' dtype");
-    if (act != kIdentity) ga = at::empty_like(gy, bf16 ? gy.options().dtype(at::kFloat) : gy.options());
+    if (act != kIdentity || fp32_ga) ga = at::empty_like(gy, bf16 ? gy.options().dtype(at::kFloat) : gy.options());
     VFN_DISPATCH(x.scalar_type(), "linear_act_backward", [&] {
       using A = acc_t<scalar_t>;
       std::vector<A> bg(mask[2] ? N : 0);
@@ -234,7 +239,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_act_backward(
       with_activation(act, [&](auto activation) {
         constexpr int64_t Act = decltype(activation)::value;
         if constexpr (std::is_same_v<scalar_t, c10::BFloat16>)
-          if (bf16 && act != kIdentity)
+          if (bf16 && (act != kIdentity || fp32_ga))
             return backward_kernel<Act, scalar_t, float>(gy.const_data_ptr<scalar_t>(), saved_p,
                                                          ga.mutable_data_ptr<float>(), mask[2] ? bg.data() : nullptr,
                                                          M, N, A(slope));
@@ -249,7 +254,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_act_backward(
       }
     });
   }
-  const at::Tensor ga_mm = bf16 ? ga.to(at::kFloat) : ga;  // a no-op unless the identity left ga = gy
+  const at::Tensor ga_mm = bf16 ? ga.to(at::kFloat) : ga;  // a no-op unless no product needs ga
   at::Tensor gx = at::empty({0}, x.options()), gw = at::empty({0}, x.options());
   auto grad_input = [&] { gx = product_mm(ga_mm, bf16 ? weight.to(at::kFloat) : weight); };
   auto grad_weight = [&] { gw = product_mm(ga_mm.t(), bf16 ? x.to(at::kFloat) : x); };
