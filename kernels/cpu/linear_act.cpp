@@ -83,8 +83,8 @@ void epilogue_kernel(const In* a, Out* pre, Out* y, const acc_t<In>* bias, int64
 }
 
 // ga = grad_y * act'(saved), stored as G (T, or fp32 on bf16's fp32 product path, where the GEMMs read it); for the
-// identity ga is grad_y, stored only where ga is given (the fp32 copy the GEMMs read); column sums of ga into bias_grad (when not null), per row-task in fp32 (fp64
-// for double) and the tasks added in order.
+// identity ga is grad_y itself, stored only where ga is given (that fp32 copy). Column sums of ga into bias_grad
+// (when not null), per row-task in fp32 (fp64 for double) and the tasks added in order.
 template <int64_t Act, typename T, typename G>
 void backward_kernel(const T* gy, const T* saved, G* ga, acc_t<T>* bias_grad, int64_t M, int64_t N,
                      acc_t<T> slope) {
@@ -254,10 +254,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_act_backward(
       }
     });
   }
-  const at::Tensor ga_mm = bf16 ? ga.to(at::kFloat) : ga;  // a no-op unless no product needs ga
+  // ga as the GEMMs read it: in fp32 on the fp32 product path (the pass above wrote it so; fp32_ga).
   at::Tensor gx = at::empty({0}, x.options()), gw = at::empty({0}, x.options());
-  auto grad_input = [&] { gx = product_mm(ga_mm, bf16 ? weight.to(at::kFloat) : weight); };
-  auto grad_weight = [&] { gw = product_mm(ga_mm.t(), bf16 ? x.to(at::kFloat) : x); };
+  auto grad_input = [&] { gx = product_mm(ga, bf16 ? weight.to(at::kFloat) : weight); };
+  auto grad_weight = [&] { gw = product_mm(ga.t(), bf16 ? x.to(at::kFloat) : x); };
   // The two products are independent: on two threads they run side by side, one thread each (BLAS runs
   // single-threaded inside a parallel region). BLAS's own two-thread split of one small product spends much
   // of its time in OpenMP's fork and join; of a large one it does not, and there one thread per product is
