@@ -195,6 +195,27 @@ def test_linear_act_only_weight_needs_grad():
     assert_matches("d weight", got, g.double())
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
+@pytest.mark.parametrize("wrt", ["x", "weight"])
+@pytest.mark.parametrize("act", ["identity", "relu"])
+def test_linear_act_one_input_gradient(act, wrt, bias, dtype, bf16_products):
+    """One product in backward (only x's or only weight's gradient), no bias gradient: on bf16's fp32 product
+    path the identity's fp32 copy of grad_y then comes from the derivative pass without a bias sum."""
+    x, w, b = _linear_inputs(37, 29, 11, dtype, bias=bias)
+    g = torch.randn(37, 11)
+
+    def grad(backend, as_dtype):
+        xs = [t if t is None else t.detach().to(as_dtype) for t in (x, w, b)]
+        target = xs[0 if wrt == "x" else 1].requires_grad_(True)
+        y = ops.linear_act(xs[0], xs[1], xs[2], act, backend=backend)
+        return torch.autograd.grad(y, [target], g.to(y.dtype))[0]
+
+    got = grad("native", dtype)
+    assert got.dtype == dtype
+    assert_matches(f"d {wrt}", got, grad("reference", torch.float64), grad("reference", dtype))
+
+
 # ------------------------------------------------------------------------------------------------ strided
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_strided_inputs(dtype, bf16_products):
