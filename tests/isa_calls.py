@@ -3,9 +3,9 @@
 results, the fp64 reference's and eager PyTorch's in that dtype (for the bf16 rule), with backend_info().
 
 The calls: linear_act forward and backward, reparam_kl, the GAN and feature losses, the fused layer (dense,
-conv2d and conv_transpose2d with a batch norm, forward and backward), and whole planned steps (the C++
-plan_step) of a small conv model (fp32) and a small MLP (fp32 and bf16). Inputs come from fixed seeds, so
-every process sees the same ones."""
+conv2d and conv_transpose2d with a batch norm, forward and backward), whole planned steps (the C++
+plan_step) of a small conv model (fp32) and a small MLP (fp32 and bf16), and Adam's update from bf16
+gradients (adam_step_). Inputs come from fixed seeds, so every process sees the same ones."""
 import copy
 import sys
 
@@ -102,6 +102,29 @@ def run_step(dtype, backend, arch):
     return [t.detach().to(dtype) for net in sorted(grads) for t in grads[net]]
 
 
+def run_adam(impl):
+    """Two Adam updates from bf16 gradients of parameters of awkward sizes: "native" (adam_step_, fp32), "fp64"
+    (torch's fused Adam in fp64 on the same gradients) or "fp32" (torch's, on the gradients cast to fp32)."""
+    gen = torch.Generator().manual_seed(5)
+    shapes = [(37,), (13, 7), (64, 16), (16385,)]
+    dtype = torch.float64 if impl == "fp64" else torch.float32
+    params = [torch.randn(s, generator=gen).to(dtype) for s in shapes]
+    exp_avgs = [0.1 * torch.randn(s, generator=gen).to(dtype) for s in shapes]
+    exp_avg_sqs = [(0.01 * torch.rand(s, generator=gen) + 1e-6).to(dtype) for s in shapes]
+    steps = [torch.tensor(4.0) for _ in shapes]
+    for _ in range(2):
+        grads = [torch.randn(s, generator=gen).to(torch.bfloat16) for s in shapes]
+        torch._foreach_add_(steps, 1)
+        if impl == "native":
+            torch.ops.vaegan_fast_native.adam_step_(params, grads, exp_avgs, exp_avg_sqs, steps, 1e-3, 0.5, 0.999,
+                                                    0.01, 1e-8, None)
+        else:
+            torch._fused_adam_(params, [g.to(dtype) for g in grads], exp_avgs, exp_avg_sqs, [], steps, lr=1e-3,
+                               beta1=0.5, beta2=0.999, weight_decay=0.01, eps=1e-8, amsgrad=False, maximize=False,
+                               grad_scale=None, found_inf=None)
+    return params + exp_avgs + exp_avg_sqs
+
+
 def main(out):
     results = {"info": vaegan_fast.backend_info(), "calls": {}}
     for name, (make, inputs, gouts) in op_cases().items():
@@ -123,6 +146,8 @@ def main(out):
             results["calls"][(f"plan_step_{arch}", str(dt))] = {
                 "native": run_step(dt, "native", arch), "truth": run_step(torch.float64, "reference", arch),
                 "eager": run_step(dt, "reference", arch)}
+    results["calls"][("adam_step", str(torch.float32))] = {
+        "native": run_adam("native"), "truth": run_adam("fp64"), "eager": run_adam("fp32")}
     torch.save(results, out)
 
 

@@ -190,6 +190,27 @@ def test_the_cpp_executor_equals_the_python_one_bit_for_bit(dtype, arch, mode, o
 
 
 @needs_native
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_the_cpp_executor_can_hand_over_a_bf16_steps_gradients_in_bf16(arch, bf16_products):
+    """master_grads=False (what train_step asks for, for optim's native Adam) leaves them in bf16: the same
+    values as the fp32 ones it otherwise returns, without the cast."""
+    model = ARCHS[arch]("native")
+    x = batch_for(model, 5, torch.float32).to(torch.bfloat16)
+    gen = torch.Generator().manual_seed(3)
+    latent = model.config["latent_dim"]
+    eps, z_prior = torch.randn(5, latent, generator=gen), torch.randn(5, latent, generator=gen).to(torch.bfloat16)
+    a, b = copy.deepcopy(model), copy.deepcopy(model)
+    low, l1 = a._routed.gradients(x, eps, z_prior, master_grads=False)
+    master, l2 = b._routed.gradients(x, eps, z_prior)
+    assert low.keys() == master.keys()
+    for net in low:
+        for i, (g, m) in enumerate(zip(low[net], master[net])):
+            assert g.dtype == torch.bfloat16 and m.dtype == torch.float32, f"{net} parameter {i}"
+            assert torch.equal(g.float(), m), f"{net} parameter {i}"
+    assert all(torch.equal(l1[key], l2[key]) for key in l1)
+
+
+@needs_native
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
 @pytest.mark.parametrize("arch", list(ARCHS))
 @pytest.mark.parametrize("weight", [0.25, 0.0])

@@ -559,15 +559,17 @@ class Model(nn.Module):
             grads, master = {}, self.dtype
 
             def network_done(name, net_grads):
-                # Already in the master weights' dtype (step/__init__.py casts them before the all-reduce: a
-                # low-precision sum of scaled gradients would overflow sooner).
+                # In the master weights' dtype where they are summed or unscaled (step/__init__.py casts them
+                # before the all-reduce: a low-precision sum of scaled gradients would overflow sooner);
+                # otherwise a bf16 step's may stay bf16, which apply_updates widens as Adam reads them.
                 grads[name] = net_grads
                 if dp is not None:
                     pending[name] = dp.start_average(grads[name])
 
             # Data-parallel training keeps the Python executor, whose per-network callback starts each
             # all-reduce while the rest of the backward runs; otherwise the backend's whole step, if it has one.
-            losses = self._routed(x, scale, network_done, whole_step=dp is None)
+            losses = self._routed(x, scale, network_done, whole_step=dp is None,
+                                  master_grads=dp is not None or scaler is not None)
             losses = {k: v.to(master) if v.dtype != master else v for k, v in losses.items()}
         else:
             with self._autocast():

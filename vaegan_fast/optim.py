@@ -11,6 +11,11 @@ the first step that creates the state) goes through ``step()`` unchanged.
 
 ``found_inf`` (a 0-dim float tensor on the parameters' device, or None): 1 skips the whole update, state
 included, without reading it on the host (the equilibrium gate, fp16 overflow).
+
+Gradients may come in another dtype than their parameters (a bf16 step hands over its bf16 gradients for fp32
+master weights): on the direct path for CPU tensors the native library's ``adam_step_`` (kernels/cpu/adam.cpp)
+widens them as it reads them, which is torch's fused Adam on the widened gradients bit for bit and saves a
+separate cast's pass over every gradient; everywhere else they are cast to the parameters' dtype first.
 """
 from __future__ import annotations
 
@@ -37,6 +42,18 @@ def _direct_group(opt: torch.optim.Optimizer, params: Sequence[torch.Tensor]) ->
     return group
 
 
+def _widens(params, dtype: torch.dtype, grad_dtype: torch.dtype) -> bool:
+    """Whether the direct path takes gradients of ``grad_dtype`` for ``params`` (of ``dtype``) as they are:
+    the same dtype, or bf16 gradients of contiguous fp32 CPU parameters, which the native library widens."""
+    if grad_dtype == dtype:
+        return True
+    if dtype != torch.float32 or grad_dtype != torch.bfloat16 or params[0].device.type != "cpu" or \
+            not all(p.is_contiguous() for p in params):
+        return False
+    from .ops import _dispatch
+    return "native" not in _dispatch._load_errors
+
+
 def apply_update(opt: torch.optim.Optimizer, params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
                  found_inf: Optional[torch.Tensor] = None) -> None:
     """Update ``params`` (``opt``'s parameters, in its order) with ``grads``; the grads are not kept."""
@@ -51,17 +68,22 @@ def apply_updates(updates: Sequence[tuple]) -> None:
         group = _direct_group(opt, params)
         if group is None or any(g is None for g in grads):
             for p, g in zip(params, grads):
-                p.grad = g
+                p.grad = g if g is None or g.dtype == p.dtype else g.to(p.dtype)
             opt.found_inf = found_inf  # read by fused Adam's step(); other optimizers never see a skip here
             opt.step()
             opt.zero_grad(set_to_none=True)
             continue
         beta1, beta2 = group["betas"]
-        device, dtype = params[0].device, params[0].dtype
-        if any(p.device != device or p.dtype != dtype for p in params):
-            key = (id(opt),)  # mixed tensors: a call of their own (the kernel takes one device and dtype)
+        device, dtype, grad_dtype = params[0].device, params[0].dtype, grads[0].dtype
+        uniform = all(p.device == device and p.dtype == dtype for p in params) and \
+            all(g.dtype == grad_dtype for g in grads)
+        if not (uniform and _widens(params, dtype, grad_dtype)):
+            grads = [g if g.dtype == p.dtype else g.to(p.dtype) for p, g in zip(params, grads)]
+        if uniform:
+            key = (group["lr"], beta1, beta2, group["weight_decay"], group["eps"], id(found_inf), device, dtype,
+                   grads[0].dtype)
         else:
-            key = (group["lr"], beta1, beta2, group["weight_decay"], group["eps"], id(found_inf), device, dtype)
+            key = (id(opt),)  # mixed tensors: a call of their own (the kernel takes one device and dtype)
         batch = batches.setdefault(key, ([], [], [], found_inf, group))
         states = [opt.state[p] for p in params]
         batch[0].extend(params)
@@ -72,8 +94,13 @@ def apply_updates(updates: Sequence[tuple]) -> None:
         steps = [s["step"] for s in states]
         beta1, beta2 = group["betas"]
         torch._foreach_add_(steps, 1)
-        torch._fused_adam_(params, grads, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states], [],
-                           steps, lr=group["lr"], beta1=beta1, beta2=beta2, weight_decay=group["weight_decay"],
-                           eps=group["eps"], amsgrad=False, maximize=False, grad_scale=None, found_inf=found_inf)
+        exp_avgs, exp_avg_sqs = [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states]
+        if grads[0].dtype == params[0].dtype:
+            torch._fused_adam_(params, grads, exp_avgs, exp_avg_sqs, [], steps, lr=group["lr"], beta1=beta1,
+                               beta2=beta2, weight_decay=group["weight_decay"], eps=group["eps"], amsgrad=False,
+                               maximize=False, grad_scale=None, found_inf=found_inf)
+        else:
+            torch.ops.vaegan_fast_native.adam_step_(params, grads, exp_avgs, exp_avg_sqs, steps, group["lr"], beta1,
+                                                    beta2, group["weight_decay"], group["eps"], found_inf)
         if found_inf is not None:  # a skipped update does not count as a step (as in torch's fused Adam)
             torch._foreach_sub_(steps, [found_inf] * len(steps))

@@ -1,7 +1,7 @@
 // The schemas of the native CPU ops, all in one place. The kernels (TORCH_LIBRARY_IMPL for CPU) live in
-// reparam_kl.cpp, gan_losses.cpp, linear_act.cpp, fused_layer.cpp and image_head.cpp, one file per op with its
-// math, bytes moved and autograd formula, and plan_step.cpp runs a training step's plan over them; the fake (meta)
-// implementations are registered from Python, in vaegan_fast/ops/_native.py. Load with
+// reparam_kl.cpp, gan_losses.cpp, linear_act.cpp, fused_layer.cpp, image_head.cpp and adam.cpp, one file per op
+// with its math, bytes moved and autograd formula, and plan_step.cpp runs a training step's plan over them; the
+// fake (meta) implementations are registered from Python, in vaegan_fast/ops/_native.py. Load with
 // torch.ops.load_library(path) after importing torch.
 #include "common.h"
 
@@ -80,9 +80,16 @@ TORCH_LIBRARY(vaegan_fast_native, m) {
   m.def(
       "image_head_backward(Tensor images, Tensor x, Tensor g, Tensor u, float gamma, float pixel_factor, "
       "bool g_has_rec, bool u_has_prior) -> (Tensor, Tensor)");
+  // Adam's update of fp32 parameters from bf16 gradients in place (adam.cpp: torch's fused Adam on the widened
+  // gradients); steps already incremented; found_inf == 1 skips it all.
+  m.def(
+      "adam_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
+      "Tensor[] steps, float lr, float beta1, float beta2, float weight_decay, float eps, Tensor? found_inf) -> ()");
   // A training step's whole plan in one call (plan_step.cpp; vaegan_fast/step/execute.py is its specification):
-  // [each trained network's gradients in its parameter order, then the output slots].
+  // [each trained network's gradients in its parameter order (in the parameters' dtype when master_grads, else in
+  // the step's), then the output slots].
   m.def(
       "plan_step(Tensor?[] inputs, int[] program, float[] program_floats, Tensor?[] layer_tensors, "
-      "int[] layer_table, float[] layer_floats, int[] networks, int[] outputs, int n_slots) -> Tensor[]");
+      "int[] layer_table, float[] layer_floats, int[] networks, int[] outputs, int n_slots, bool master_grads) -> "
+      "Tensor[]");
 }

@@ -17,6 +17,7 @@
 //                     in the compute dtype as the Python executor receives them
 //   networks          the networks whose gradients come back, in order
 //   outputs           the slots of the losses returned after the gradients
+//   master_grads      the gradients in the parameters' own dtype (else in the step's: see param_grads)
 // Returns each trained network's gradients in its parameter order, then the loss slots.
 #include "activation.h"
 #include "common.h"
@@ -301,14 +302,15 @@ at::Tensor stream_backward(Network& net, const at::Tensor& seed, const at::Tenso
   return input_grad ? g : at::Tensor();
 }
 
-// The weight gradients in the parameters' own dtype (a bf16 step's go to its fp32 master weights).
-std::vector<at::Tensor> param_grads(const Network& net) {
+// The weight gradients in the parameters' own dtype (a bf16 step's go to its fp32 master weights) when
+// master_grads, else as the step formed them (a bf16 step's in bf16, for an optimizer that widens them as it reads).
+std::vector<at::Tensor> param_grads(const Network& net, bool master_grads) {
   std::vector<at::Tensor> out;
   for (size_t i = 0; i < net.layers.size(); ++i) {
     const Layer& l = net.layers[i];
     if (l.kind > kConvTLayer) continue;
     auto add = [&](const at::Tensor& g) {
-      out.push_back(g.defined() && g.scalar_type() != l.param_dtype ? g.to(l.param_dtype) : g);
+      out.push_back(master_grads && g.defined() && g.scalar_type() != l.param_dtype ? g.to(l.param_dtype) : g);
     };
     add(net.grads[i][0]);
     if (l.has_bias) add(net.grads[i][1]);
@@ -331,7 +333,8 @@ std::vector<at::Tensor> plan_step(const c10::List<std::optional<at::Tensor>>& in
                                   at::ArrayRef<double> program_floats,
                                   const c10::List<std::optional<at::Tensor>>& layer_tensors,
                                   at::IntArrayRef layer_table, at::ArrayRef<double> layer_floats,
-                                  at::IntArrayRef networks, at::IntArrayRef outputs, int64_t n_slots) {
+                                  at::IntArrayRef networks, at::IntArrayRef outputs, int64_t n_slots,
+                                  bool master_grads) {
   // ---- the networks: the parameters in the step's dtype (x's), the running averages as they are
   auto x_in = optional_of(inputs, 0);
   TORCH_CHECK(x_in.has_value(), "vaegan_fast native plan_step: the first input is the batch x");
@@ -512,7 +515,7 @@ std::vector<at::Tensor> plan_step(const c10::List<std::optional<at::Tensor>>& in
   }
   std::vector<at::Tensor> result;
   for (int64_t net : networks) {
-    auto grads = param_grads(nets[net]);
+    auto grads = param_grads(nets[net], master_grads);
     result.insert(result.end(), grads.begin(), grads.end());
   }
   for (int64_t s : outputs) result.push_back(slot[s]);

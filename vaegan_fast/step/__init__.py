@@ -62,10 +62,11 @@ class RoutedStep:
         return plan.flops({net: p.specs for net, p in self.programs().items()})
 
     def __call__(self, x: torch.Tensor, scale: Optional[torch.Tensor] = None,
-                 on_network_done: Optional[Callable] = None, whole_step: bool = True) -> dict:
+                 on_network_done: Optional[Callable] = None, whole_step: bool = True,
+                 master_grads: bool = True) -> dict:
         """The losses of one step on x (x in the master dtype; the step computes in the model's precision):
         draws the step's noise, and hands each network's gradients to ``on_network_done(name, grads)`` as soon
-        as they are complete (the discriminator's first)."""
+        as they are complete (the discriminator's first). ``master_grads``: see ``gradients``."""
         model = self.model
         master = x.dtype
         mode = model.config["mode"]
@@ -74,12 +75,12 @@ class RoutedStep:
             ((noise[0], None) if mode == "vae" else (None, noise[0]))
         compute = self.compute_dtype(master)
         _, losses = self.gradients(x.to(compute), eps, z_prior.to(compute) if z_prior is not None else None, scale,
-                                   on_network_done, whole_step)
+                                   on_network_done, whole_step, master_grads=master_grads)
         return losses
 
     def gradients(self, x: torch.Tensor, eps: Optional[torch.Tensor], z_prior: Optional[torch.Tensor],
                   scale: Optional[torch.Tensor] = None, on_network_done: Optional[Callable] = None,
-                  whole_step: bool = True, memory: Optional[dict] = None) -> tuple:
+                  whole_step: bool = True, memory: Optional[dict] = None, master_grads: bool = True) -> tuple:
         """({network name: [grad per parameter]}, losses) of one step computed in x's dtype, with the given
         noise (eps and z_prior as the mode needs them; eps in any dtype, cast as the plan says). The gradients
         are in the parameters' own dtype (a low-precision step's go to its full-precision master weights, cast
@@ -88,7 +89,10 @@ class RoutedStep:
         ``scale`` (fp16's loss scale, a 0-dim tensor) multiplies every gradient. ``whole_step``: use the
         backend's executor of the whole plan in one call when it has one (not with a loss scale or ``memory``,
         which receives "saved_bytes": the bytes of the tensors the forward passes keep for backward); it casts
-        the parameters to x's dtype and the gradients back itself (in C++, not two Python calls per parameter)."""
+        the parameters to x's dtype and the gradients back itself (in C++, not two Python calls per parameter), or
+        with ``master_grads=False`` leaves a low-precision step's gradients in x's dtype: optim.apply_updates
+        widens them as Adam reads them, which saves a pass over every gradient (only that executor does so:
+        the Python one, which data-parallel training uses, always casts)."""
         compute, master = x.dtype, self.model.dtype
         noise_dtype = eps.dtype if eps is not None else compute
         plan = self.plan(x.shape[0], compute, noise_dtype, scale is not None)
@@ -98,7 +102,7 @@ class RoutedStep:
         whole = _dispatch.implementation(WHOLE_PLAN_OP, kernels.name) if whole_step else None
         if whole is not None and scale is None and memory is None:
             grads, losses = whole(plan, {net: NetworkState(program, None)
-                                         for net, program in self.programs().items()}, inputs)
+                                         for net, program in self.programs().items()}, inputs, master_grads)
             for net in (2, 1, 0):
                 if net in grads:
                     done(NETWORK_NAMES[net], grads[net])

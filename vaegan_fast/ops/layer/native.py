@@ -220,9 +220,10 @@ _programs: dict = {}
 
 
 @_dispatch.register("plan_step", "native")
-def plan_step_native(plan, states: dict, inputs: list) -> tuple:
+def plan_step_native(plan, states: dict, inputs: list, master_grads: bool = True) -> tuple:
     """({net index: [grads in parameter order]}, losses) of ``plan`` run by kernels/cpu/plan_step.cpp over the
-    networks' states (execute.NetworkState: their tensors in the step's dtype and layout)."""
+    networks' states (execute.NetworkState: their tensors in the step's dtype and layout); the gradients in the
+    parameters' dtype, or with ``master_grads=False`` in the step's (a bf16 step's for optim.apply_updates)."""
     encoded = _programs.get(id(plan))
     if encoded is None or encoded[0] is not plan:
         encoded = _programs[id(plan)] = (plan, *_encode_program(plan))
@@ -230,7 +231,7 @@ def plan_step_native(plan, states: dict, inputs: list) -> tuple:
     tensors, table, layer_floats = _encode_layers(states)
     names = list(plan.outputs)
     out = _untracked(_ops.plan_step, inputs, program, program_floats, tensors, table, layer_floats,
-                     list(plan.networks), [plan.outputs[n] for n in names], plan.slots)
+                     list(plan.networks), [plan.outputs[n] for n in names], plan.slots, master_grads)
     grads, at = {}, 0
     for net in plan.networks:
         state = states[net]
