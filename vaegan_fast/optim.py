@@ -14,8 +14,9 @@ included, without reading it on the host (the equilibrium gate, fp16 overflow).
 
 Gradients may come in another dtype than their parameters (a bf16 step hands over its bf16 gradients for fp32
 master weights): on the direct path for CPU tensors the native library's ``adam_step_`` (kernels/cpu/adam.cpp)
-widens them as it reads them, which is torch's fused Adam on the widened gradients bit for bit and saves a
-separate cast's pass over every gradient; everywhere else they are cast to the parameters' dtype first.
+widens them as it reads them (torch's fused Adam on the widened gradients, to its bits but for the last place
+of a parameter's final few elements) and saves a separate cast's pass over every gradient; everywhere else
+they are cast to the parameters' dtype first.
 """
 from __future__ import annotations
 
