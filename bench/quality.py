@@ -32,11 +32,14 @@ from pathlib import Path
 
 import torch
 
-from vaegan_fast import PRESETS, RECOMMENDED_BATCH, Model
-from vaegan_fast.data import load_fashion_mnist
-from vaegan_fast.evaluate import features, frechet_distance, load_classifier
-from vaegan_fast.evaluate import evaluate_model
-from vaegan_fast.train import train
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import telemetry  # noqa: E402
+from vaegan_fast import PRESETS, RECOMMENDED_BATCH, Model  # noqa: E402
+from vaegan_fast.data import load_fashion_mnist  # noqa: E402
+from vaegan_fast.evaluate import features, frechet_distance, load_classifier  # noqa: E402
+from vaegan_fast.evaluate import evaluate_model  # noqa: E402
+from vaegan_fast.train import train  # noqa: E402
 
 MODES = {"vae": {"mode": "vae"}, "gan": {"mode": "gan"}, "vaegan": {}}
 METRICS = [("reconstruction_mse", "recon MSE", ".4f"), ("kl", "KL", ".1f"),
@@ -158,10 +161,12 @@ def main(argv=None) -> int:
     stem = results_dir / f"quality-{stamp}"
     side_by_side({mode: runs / f"{args.preset}-{mode.replace(' (', '-').rstrip(')')}-seed{seeds[0]}" /
                   "samples_final.png" for mode in variants}, stem.with_suffix(".png"))
+    cpu = telemetry.cpu_features()
+    machine = ", ".join(s for s in (telemetry.device_name(torch.device("cpu")), telemetry.cpu_generation(cpu)) if s)
     header = (f"preset {args.preset}, {', '.join(map(str, budgets))} steps, batch {batch}, seeds {seeds} "
               f"(mean ± std), {args.samples} samples; "
               + (f"vaegan options beyond the preset: {overrides}; " if overrides else "") +
-              f"feature classifier test accuracy {accuracy:.4f}; torch {torch.__version__}; "
+              f"feature classifier test accuracy {accuracy:.4f}; torch {torch.__version__}; {machine}; "
               f"command: `{' '.join([sys.executable.split('/')[-1], *sys.argv])}`")
     stem.with_suffix(".md").write_text(header + "\n\n" + table + "\n")
     stem.with_suffix(".json").write_text(json.dumps({"results": results, "real_floor_fid": floor,

@@ -93,15 +93,28 @@ def _text(value) -> str:
 
 
 def cpu_features() -> dict:
-    """The CPU's bf16-relevant flags as /proc/cpuinfo lists them, and torch's CPU capability."""
-    flags = set()
+    """The CPU's identity (vendor, family, model: CPUs of one name, "AMD EPYC" say, differ by generation) and
+    bf16-relevant flags as /proc/cpuinfo lists them for its first processor, and torch's CPU capability."""
+    fields = {}
     try:
         with open("/proc/cpuinfo") as f:
-            flags = next((set(line.split(":", 1)[1].split()) for line in f if line.startswith("flags")), set())
+            for line in f:
+                if not line.strip():
+                    break  # the first processor's block ends here
+                key, _, value = line.partition(":")
+                fields[key.strip()] = value.strip()
     except OSError:
         pass
-    return {"capability": torch.backends.cpu.get_cpu_capability(), "avx512_bf16": "avx512_bf16" in flags,
-            "amx": "amx_tile" in flags, "avx512f": "avx512f" in flags, "avx2": "avx2" in flags}
+    flags = set(fields.get("flags", "").split())
+    return {"capability": torch.backends.cpu.get_cpu_capability(), "vendor": fields.get("vendor_id"),
+            "family": fields.get("cpu family"), "model": fields.get("model"),
+            "avx512_bf16": "avx512_bf16" in flags, "amx": "amx_tile" in flags, "avx512f": "avx512f" in flags,
+            "avx2": "avx2" in flags}
+
+
+def cpu_generation(c: dict) -> str:
+    """ "AuthenticAMD family 26 model 2" from cpu_features(), or "" where /proc/cpuinfo does not say."""
+    return f"{c.get('vendor')} family {c['family']} model {c.get('model')}" if c.get("family") is not None else ""
 
 
 def native_backend() -> dict:
@@ -117,6 +130,8 @@ def native_summary(env: dict) -> str:
     """One line for a results header: ISA loaded, bf16 and fp32 product paths (why), and the CPU's bf16 flags."""
     n, c = env.get("native") or {}, env.get("cpu") or {}
     flags = f"avx512_bf16 {'yes' if c.get('avx512_bf16') else 'no'}, amx {'yes' if c.get('amx') else 'no'}"
+    if c.get("family") is not None:
+        flags = f"{cpu_generation(c)}, {flags}"
     if not n.get("isa"):
         return f"native backend: not loaded ({n.get('native_error') or n.get('error')}); {flags}"
     fp32 = f"fp32 products {n['fp32_products']} ({n['fp32_reason']}); " if n.get("fp32_products") else ""

@@ -49,6 +49,11 @@ def test_run_writes_json_and_markdown_with_every_field(tmp_path):
     eager = next(r for r in result["e2e"] if r["provider"] == "eager")
     assert eager["operator_calls"] > 100 and eager["saved_bytes"] > 0 and eager["samples_per_s"] > 0
     assert "| preset |" in out.with_suffix(".md").read_text()
+    cpu = result["environment"]["cpu"]
+    if Path("/proc/cpuinfo").exists() and "cpu family" in Path("/proc/cpuinfo").read_text():
+        # The CPU's generation, not only its name ("AMD EPYC" covers several), beside every figure.
+        assert cpu["family"] and cpu["model"] is not None
+        assert f"family {cpu['family']} model {cpu['model']}" in out.with_suffix(".md").read_text()
     for chart in ("r-e2e.png", "r-kernels.png"):
         assert (tmp_path / chart).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
