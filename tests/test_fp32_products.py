@@ -20,10 +20,11 @@ NATIVE = "native" in ops.available_backends("cpu", "layer_forward")
 pytestmark = pytest.mark.skipif(not NATIVE, reason="the native library is not built")
 if NATIVE:
     from vaegan_fast.ops import _native_lib
-    ONEDNN = _native_lib._STATE["onednn_available"]
+    ONEDNN_PROBLEM = _native_lib._STATE["onednn_problem"]
 else:
-    ONEDNN = False
-needs_onednn = pytest.mark.skipif(not ONEDNN, reason="this torch does not export oneDNN's matmul")
+    ONEDNN_PROBLEM = "the native library is not built"
+ONEDNN = not ONEDNN_PROBLEM
+needs_onednn = pytest.mark.skipif(not ONEDNN, reason=ONEDNN_PROBLEM)
 
 
 @pytest.fixture
@@ -42,13 +43,14 @@ def test_the_path_is_chosen_from_the_cpu_and_reported():
 
 def test_without_onednn_the_rule_falls_back_to_blas_and_refuses_a_forced_onednn(monkeypatch):
     monkeypatch.delenv(_native_lib.FP32_ENV, raising=False)
-    assert _native_lib.choose_fp32_products(False)[0] == "blas"
+    problem = "oneDNN's matmul refuses fp32 products on this CPU (it said no)"
+    assert _native_lib.choose_fp32_products(problem) == ("blas", f"{problem}: torch's BLAS")
     monkeypatch.setenv(_native_lib.FP32_ENV, "onednn")
-    with pytest.raises(ImportError, match="VAEGAN_FAST_FP32_PRODUCTS=onednn: this torch does not export"):
-        _native_lib.choose_fp32_products(False)
+    with pytest.raises(ImportError, match=r"VAEGAN_FAST_FP32_PRODUCTS=onednn: oneDNN's matmul refuses .* choose blas"):
+        _native_lib.choose_fp32_products(problem)
     monkeypatch.setenv(_native_lib.FP32_ENV, "mkl")
     with pytest.raises(ImportError, match="VAEGAN_FAST_FP32_PRODUCTS='mkl': choose one of auto, onednn, blas"):
-        _native_lib.choose_fp32_products(True)
+        _native_lib.choose_fp32_products("")
     with pytest.raises(ValueError, match="fp32 products: choose one of auto, onednn, blas, got 'mkl'"):
         _native_lib.set_fp32_products("mkl")
 
@@ -56,7 +58,7 @@ def test_without_onednn_the_rule_falls_back_to_blas_and_refuses_a_forced_onednn(
 @pytest.mark.parametrize("mode", ["blas", "onednn"])
 def test_the_environment_forces_the_path(mode):
     if mode == "onednn" and not ONEDNN:
-        pytest.skip("this torch does not export oneDNN's matmul")
+        pytest.skip(ONEDNN_PROBLEM)
     code = "import vaegan_fast; i = vaegan_fast.backend_info(); print(i['fp32_products'], '|', i['fp32_reason'])"
     env = dict(os.environ, VAEGAN_FAST_FP32_PRODUCTS=mode)
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True,
@@ -70,6 +72,21 @@ def test_a_refused_setting_leaves_the_native_backend_unavailable_with_the_reason
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True,
                          timeout=300).stdout.strip()
     assert out == "None | VAEGAN_FAST_FP32_PRODUCTS='mkl': choose one of auto, onednn, blas"
+
+
+def test_where_onednn_may_not_use_avx512_both_rules_keep_off_it_and_a_step_trains():
+    # torch's mkldnn_matmul refuses even fp32 where oneDNN may not use AVX-512 (an AVX2-only CPU): the cap stands in
+    code = ("import torch, vaegan_fast; i = vaegan_fast.backend_info(); print(i['fp32_products'], '|', i['fp32_reason']);"
+            "print(i['bf16_products'], '|', i['bf16_reason']); m = vaegan_fast.Model.preset('seed', precision='bf16');"
+            "s = m.train_step(torch.rand(8, *m.input_shape)); print(all(torch.isfinite(v) for v in s.values()))")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VAEGAN_FAST_") and k != "DNNL_MAX_CPU_ISA"}
+    env["ONEDNN_MAX_CPU_ISA"] = "AVX2"
+    fp32, bf16, trained = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                                         check=True, timeout=300).stdout.strip().splitlines()
+    assert fp32.startswith("blas | ") and fp32.endswith(": torch's BLAS"), fp32
+    if _native_lib.cpu_vendor() != "GenuineIntel" and ONEDNN:  # where the rule would otherwise have picked oneDNN
+        assert "oneDNN's matmul refuses fp32 products on this CPU (" in fp32, fp32
+    assert bf16.startswith("fp32 | ") and trained == "True", (bf16, trained)
 
 
 def _calls_mm(fn) -> bool:

@@ -53,7 +53,8 @@ def test_the_library_of_the_cpus_isa_is_loaded():
         assert info["isa"] == want
     assert info["bf16_products"] in ("bf16", "fp32") and info["bf16_reason"]
     if not os.environ.get("VAEGAN_FAST_BF16_PRODUCTS"):
-        assert (info["bf16_products"] == "bf16") == _native_lib.cpu_has_bf16_units()
+        capped = _native_lib.onednn_isa_cap()[1] in _native_lib.ONEDNN_ISAS_WITHOUT_BF16
+        assert (info["bf16_products"] == "bf16") == (_native_lib.cpu_has_bf16_units() and not capped)
 
 
 @pytest.mark.parametrize("isa", BUILT)
@@ -107,6 +108,34 @@ def test_an_isa_the_cpu_cannot_execute_is_refused(monkeypatch):
         _native_lib.choose_isa()
     monkeypatch.delenv("VAEGAN_FAST_ARCH")
     assert _native_lib.choose_isa()[0] == "generic"  # a CPU with neither gets the generic build
+
+
+@pytest.mark.parametrize("amx", [False, True])
+def test_a_cap_on_onednns_isa_below_bf16_keeps_the_fp32_products(monkeypatch, amx):
+    monkeypatch.setattr(_native_lib, "cpu_has_bf16_units", lambda: True)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
+    for env in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "VAEGAN_FAST_BF16_PRODUCTS"):
+        monkeypatch.delenv(env, raising=False)
+    units = "AMX" if amx else "avx512_bf16"
+    assert _native_lib.choose_bf16_products() == ("bf16", f"the CPU has bf16 units ({units}): oneDNN bf16 products")
+    for env, cap, path, named in [("ONEDNN_MAX_CPU_ISA", "avx2", "fp32", "AVX2"),
+                                  ("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_VNNI", "fp32", "AVX512_CORE_VNNI"),
+                                  ("DNNL_MAX_CPU_ISA", "Avx512_Core", "fp32", "AVX512_CORE"),
+                                  ("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_BF16", "bf16", "avx512_bf16"),
+                                  ("ONEDNN_MAX_CPU_ISA", "AVX10_1_512_AMX", "bf16", units),
+                                  ("ONEDNN_MAX_CPU_ISA", "ALL", "bf16", units)]:
+        monkeypatch.setenv(env, cap)
+        got, why = _native_lib.choose_bf16_products()
+        assert got == path and named in why, (env, cap, why)
+        if path == "fp32":
+            assert why.startswith(f"{env}={named} ")
+        monkeypatch.delenv(env)
+    monkeypatch.setenv("DNNL_MAX_CPU_ISA", "AVX2")  # oneDNN reads ONEDNN_MAX_CPU_ISA first
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_BF16")
+    assert _native_lib.choose_bf16_products()[0] == "bf16"
+    monkeypatch.setenv("VAEGAN_FAST_BF16_PRODUCTS", "bf16")  # forcing still wins over the cap
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    assert _native_lib.choose_bf16_products() == ("bf16", "VAEGAN_FAST_BF16_PRODUCTS=bf16")
 
 
 def test_an_unknown_bf16_products_setting_is_refused(monkeypatch):

@@ -250,7 +250,7 @@ inline at::ScalarType product_dtype(at::ScalarType dtype) {
 bool set_bf16_products(bool enabled);
 // fp32 products of at least min_macs multiply-adds go to oneDNN; a negative min_macs keeps them all on BLAS.
 int64_t set_onednn_min_macs(int64_t min_macs);
-bool onednn_matmul_available();
+std::string onednn_matmul_problem();  // "" where oneDNN's fp32 matmul runs here
 
 // ---- dtype rules -------------------------------------------------------------------------------------
 inline void check_dtype(const at::Tensor& t, const char* op, const char* name) {

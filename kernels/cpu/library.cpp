@@ -28,7 +28,7 @@ TORCH_LIBRARY(vaegan_fast_native, m) {
   // ("generic", "avx2", "avx512").
   m.def("set_bf16_products(bool enabled) -> bool", &vaegan_fast_native::set_bf16_products);
   m.def("set_onednn_min_macs(int min_macs) -> int", &vaegan_fast_native::set_onednn_min_macs);
-  m.def("onednn_matmul_available() -> bool", &vaegan_fast_native::onednn_matmul_available);
+  m.def("onednn_matmul_problem() -> str", &vaegan_fast_native::onednn_matmul_problem);
   m.def("large_product_macs() -> int", [] { return vaegan_fast_native::kLargeProductMacs; });
   m.def("build_isa() -> str", &vaegan_fast_native::build_isa_op);
   // (z, kl) = reparam_kl(mu, logvar, eps); grads of mu, logvar (and eps when need_grad_eps, else empty).

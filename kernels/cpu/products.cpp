@@ -15,6 +15,7 @@
 #include "common.h"
 
 #include <atomic>
+#include <string>
 
 #include <ATen/record_function.h>
 #include <ATen/ops/addmm.h>
@@ -22,7 +23,7 @@
 
 // oneDNN's fp32/bf16 matmul inside libtorch_cpu: exported, but declared only in an ATen header torch does not
 // install. Weak, so that a torch without it (or with another signature) loads the library with this null and the
-// "onednn" path unavailable rather than failing to load.
+// "onednn" path unavailable rather than failing to load (onednn_matmul_problem()).
 namespace at::native {
 void mkldnn_matmul(const at::Tensor& mat1, const at::Tensor& mat2, const at::Tensor& result, float beta,
                    float alpha) __attribute__((weak));
@@ -45,12 +46,28 @@ bool on_onednn(const at::Tensor& a, const at::Tensor& b) {
 
 bool bf16_products() { return g_bf16_products.load(std::memory_order_relaxed); }
 bool set_bf16_products(bool enabled) { return g_bf16_products.exchange(enabled); }
-bool onednn_matmul_available() { return &at::native::mkldnn_matmul != nullptr; }
+std::string onednn_matmul_problem() {
+  // Tried once on a 1x1 product: torch refuses oneDNN's matmul, fp32 included, where oneDNN may not use AVX-512
+  // (an AVX2-only CPU, or ONEDNN_MAX_CPU_ISA=AVX2), and oneDNN fixes its ISA at its first primitive anyway.
+  static const std::string problem = []() -> std::string {
+    if (&at::native::mkldnn_matmul == nullptr) {
+      return "this torch does not export oneDNN's matmul (at::native::mkldnn_matmul)";
+    }
+    try {
+      const at::Tensor one = at::ones({1, 1});
+      at::native::mkldnn_matmul(one, one, at::empty({1, 1}), /*beta=*/0.f, /*alpha=*/1.f);
+      return "";
+    } catch (const c10::Error& e) {
+      const std::string what = e.what_without_backtrace();
+      return "oneDNN's matmul refuses fp32 products on this CPU (" + what.substr(0, what.find('\n')) + ")";
+    }
+  }();
+  return problem;
+}
 
 int64_t set_onednn_min_macs(int64_t min_macs) {
-  TORCH_CHECK(min_macs < 0 || onednn_matmul_available(),
-              "vaegan_fast native: this torch does not export oneDNN's matmul (at::native::mkldnn_matmul); "
-              "use the \"blas\" fp32 product path");
+  TORCH_CHECK(min_macs < 0 || onednn_matmul_problem().empty(), "vaegan_fast native: ", onednn_matmul_problem(),
+              "; use the \"blas\" fp32 product path");
   return g_onednn_min_macs.exchange(min_macs < 0 ? -1 : min_macs);
 }
 

@@ -19,14 +19,17 @@ Three choices are made here, once, at import (``backend_info()`` reports them an
 - **bf16 products.** Where the CPU has bf16 units (``torch.cpu._is_avx512_bf16_supported()`` or
   ``_is_amx_tile_supported()``) the bf16 ops form their GEMMs and convolutions on bf16 operands (oneDNN, fp32
   accumulation): about 2.5x the fp32 rate on a Zen 4, 5x on AMX. Elsewhere bf16 products are emulated at
-  about a tenth of fp32's rate, so the operands are upcast and the products run in fp32.
+  about a tenth of fp32's rate, so the operands are upcast and the products run in fp32; the same where
+  ``ONEDNN_MAX_CPU_ISA`` (or ``DNNL_MAX_CPU_ISA``) caps oneDNN below its bf16 instructions.
   ``VAEGAN_FAST_BF16_PRODUCTS=bf16|fp32|auto`` forces the choice; ``bf16_products(mode)`` switches it for a
   block of code (tests run both paths on any machine). Both paths meet the bf16 accuracy rule
   (vaegan_fast/testing.py).
 - **fp32 products.** torch's BLAS (MKL in its x86-64 wheels) runs its own fastest kernels on Intel CPUs only;
   elsewhere (an AMD Zen 4: 7-80% faster, docs/performance.md) fp32 GEMMs of more than 2^24 multiply-adds go
   to oneDNN's matmul, the one ATen calls for bf16 products ("onednn"; smaller ones stay on BLAS, which costs
-  less per call). ``VAEGAN_FAST_FP32_PRODUCTS=onednn|blas|auto`` forces the choice and ``fp32_products(mode)``
+  less per call). The library tries oneDNN's matmul once at load: torch 2.13 refuses it, fp32 included, where
+  oneDNN may not use AVX-512 (an AVX2-only CPU, or ``ONEDNN_MAX_CPU_ISA=AVX2``), and there BLAS forms them all.
+  ``VAEGAN_FAST_FP32_PRODUCTS=onednn|blas|auto`` forces the choice and ``fp32_products(mode)``
   switches it for a block of code. Both paths meet the fp32 rule; their bits differ.
 
 Importing this module raises ImportError when the library is missing or fails to load; ``ops/__init__``
@@ -59,6 +62,10 @@ BF16_MODES = ("auto", "bf16", "fp32")
 FP32_ENV = "VAEGAN_FAST_FP32_PRODUCTS"
 FP32_MODES = ("auto", "onednn", "blas")
 _CAPABILITY_ISA = {"DEFAULT": "generic", "NO AVX": "generic", "AVX2": "avx2", "AVX512": "avx512"}
+# oneDNN's names (dnnl_cpu_isa_t) for caps below its bf16 instructions (avx512_core_bf16): under them a bf16
+# product is emulated, at a tenth of the fp32 rate or less (docs/performance.md); and for caps below AMX.
+ONEDNN_ISAS_WITHOUT_BF16 = ("SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI")
+ONEDNN_ISAS_WITHOUT_AMX = ONEDNN_ISAS_WITHOUT_BF16 + ("AVX512_CORE_BF16", "AVX10_1_512", "AVX512_CORE_FP16")
 
 
 def library_path(isa: str, folder: str = LIB_DIR) -> str:
@@ -153,8 +160,22 @@ def choose_bf16_products() -> tuple:
 def _bf16_rule() -> tuple:
     if not cpu_has_bf16_units():
         return "fp32", "the CPU has no bf16 units (bf16 products would be emulated): operands upcast to fp32"
-    amx = bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
+    env, cap = onednn_isa_cap()
+    if cap in ONEDNN_ISAS_WITHOUT_BF16:
+        return "fp32", (f"{env}={cap} keeps oneDNN off the CPU's bf16 units (bf16 products would be emulated): "
+                        "operands upcast to fp32")
+    amx = bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()) and cap not in ONEDNN_ISAS_WITHOUT_AMX
     return "bf16", "the CPU has bf16 units (" + ("AMX" if amx else "avx512_bf16") + "): oneDNN bf16 products"
+
+
+def onednn_isa_cap() -> tuple:
+    """(variable, ISA name in upper case) of the cap on oneDNN's instruction set the user set, or ("", "")
+    (oneDNN reads ONEDNN_MAX_CPU_ISA, else the older DNNL_MAX_CPU_ISA, once, at its first primitive)."""
+    for env in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA"):
+        value = os.environ.get(env, "").strip().upper()
+        if value:
+            return env, value
+    return "", ""
 
 
 def cpu_vendor() -> str:
@@ -169,18 +190,18 @@ def cpu_vendor() -> str:
     return ""
 
 
-def choose_fp32_products(onednn_available: bool) -> tuple:
-    """(path, reason): "onednn" or "blas", from VAEGAN_FAST_FP32_PRODUCTS or the CPU and torch's BLAS."""
+def choose_fp32_products(onednn_problem: str) -> tuple:
+    """(path, reason): "onednn" or "blas", from VAEGAN_FAST_FP32_PRODUCTS or the CPU and torch's BLAS;
+    onednn_problem: why oneDNN's matmul cannot run here, "" where it can (the library tries it)."""
     mode = _env_mode(FP32_ENV, FP32_MODES)
-    if mode == "onednn" and not onednn_available:
-        raise ImportError(f"{FP32_ENV}=onednn: this torch does not export oneDNN's matmul "
-                          "(at::native::mkldnn_matmul); unset it or choose blas")
-    return (mode, f"{FP32_ENV}={mode}") if mode != "auto" else _fp32_rule(onednn_available)
+    if mode == "onednn" and onednn_problem:
+        raise ImportError(f"{FP32_ENV}=onednn: {onednn_problem}; unset it or choose blas")
+    return (mode, f"{FP32_ENV}={mode}") if mode != "auto" else _fp32_rule(onednn_problem)
 
 
-def _fp32_rule(onednn_available: bool) -> tuple:
-    if not onednn_available:
-        return "blas", "this torch does not export oneDNN's matmul: torch's BLAS"
+def _fp32_rule(onednn_problem: str) -> tuple:
+    if onednn_problem:
+        return "blas", f"{onednn_problem}: torch's BLAS"
     vendor, mkl = cpu_vendor(), torch.backends.mkl.is_available()
     if vendor == "GenuineIntel" and mkl:
         return "blas", "an Intel CPU: torch's BLAS (MKL) runs its own kernels for it"
@@ -217,10 +238,10 @@ def load_library(folder: str = LIB_DIR) -> None:
     except OSError as exc:
         raise ImportError(f"the native CPU library {path} failed to load: {exc}") from exc
     built = torch.ops.vaegan_fast_native.build_isa()
-    onednn = torch.ops.vaegan_fast_native.onednn_matmul_available()
-    fp32_mode, fp32_reason = choose_fp32_products(onednn)
+    onednn_problem = torch.ops.vaegan_fast_native.onednn_matmul_problem()
+    fp32_mode, fp32_reason = choose_fp32_products(onednn_problem)
     _STATE.update(isa=built, isa_reason=isa_reason, library=path, bf16_reason=bf16_reason, fp32_reason=fp32_reason,
-                  onednn_available=onednn)
+                  onednn_problem=onednn_problem)
     _apply("bf16_products", bf16_mode)
     _apply("fp32_products", fp32_mode)
 
@@ -231,12 +252,12 @@ load_library()
 def _set(path: str, mode: str, min_macs: Optional[int] = None) -> str:
     if mode not in _MODES[path]:
         raise ValueError(f"{path.replace('_', ' ')}: choose one of {', '.join(_MODES[path])}, got {mode!r}")
-    if mode == "onednn" and not _STATE["onednn_available"]:
-        raise ValueError("fp32 products: this torch does not export oneDNN's matmul; choose blas")
+    if mode == "onednn" and _STATE["onednn_problem"]:
+        raise ValueError(f"fp32 products: {_STATE['onednn_problem']}; choose blas")
     previous = _STATE[path]
     reason = f"set_{path}({mode!r})"
     if mode == "auto":
-        mode = _bf16_rule()[0] if path == "bf16_products" else _fp32_rule(_STATE["onednn_available"])[0]
+        mode = _bf16_rule()[0] if path == "bf16_products" else _fp32_rule(_STATE["onednn_problem"])[0]
     _apply(path, mode, min_macs)
     _STATE[_REASON[path]] = reason
     return previous
