@@ -167,6 +167,7 @@ def main(argv=None) -> int:
               f"(mean ± std), {args.samples} samples; "
               + (f"vaegan options beyond the preset: {overrides}; " if overrides else "") +
               f"feature classifier test accuracy {accuracy:.4f}; torch {torch.__version__}; {machine}; "
+              f"{telemetry.settings_summary({'settings': telemetry.settings_in_environment()})}; "
               f"command: `{' '.join([sys.executable.split('/')[-1], *sys.argv])}`")
     stem.with_suffix(".md").write_text(header + "\n\n" + table + "\n")
     stem.with_suffix(".json").write_text(json.dumps({"results": results, "real_floor_fid": floor,

@@ -245,7 +245,7 @@ def markdown(result) -> str:
     lines = [f"# vaegan_fast benchmark: {env['device']}", "",
              f"torch {env['torch']}, triton {env['triton']}, {env['threads']} threads, commit "
              f"{env['git_commit']}{' (dirty)' if env['git_dirty'] else ''}, {result['started']}", "",
-             f"{telemetry.native_summary(env)}", "",
+             f"{telemetry.native_summary(env)}", "", telemetry.settings_summary(env), "",
              f"Command: `{' '.join(result['command'])}`", ""]
 
     def table(header, rows):
@@ -314,6 +314,7 @@ def main(argv=None):
     print(f"device: {env['device']} | torch {env['torch']} | triton {env['triton']} | "
           f"{'full' if full else 'quick'} | backends here: {ops.available_backends(device)}")
     print(telemetry.native_summary(env))
+    print(telemetry.settings_summary(env))
     before = telemetry.nvml_snapshot()
     if not before["available"]:
         print(f"telemetry: {before['reason']}; going on without it")

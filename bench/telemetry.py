@@ -139,6 +139,22 @@ def native_summary(env: dict) -> str:
             f"{fp32}CPU {flags}")
 
 
+# Environment variables that change which kernels run, or how: a results file names those that were set.
+_SETTINGS_PREFIXES = ("VAEGAN_FAST_", "ATEN_CPU_CAPABILITY", "ONEDNN_", "DNNL_", "MKL_", "OMP_", "KMP_", "MALLOC_",
+                      "LD_PRELOAD", "TRITON_", "CUDA_VISIBLE_DEVICES", "TORCHINDUCTOR_")
+
+
+def settings_in_environment() -> dict:
+    """{name: value} of the environment variables set here that change which kernels run, or how."""
+    return {k: v for k, v in sorted(os.environ.items()) if k.startswith(_SETTINGS_PREFIXES)}
+
+
+def settings_summary(env: dict) -> str:
+    settings = env.get("settings") or {}
+    return ("Environment: " + " ".join(f"{k}={v}" for k, v in settings.items()) if settings
+            else "Environment: none of the variables that change kernels is set")
+
+
 def environment(device: torch.device) -> dict:
     try:
         import triton
@@ -156,4 +172,5 @@ def environment(device: torch.device) -> dict:
     return {"device": name, "cpu": cpu_features(), "native": native_backend(),
             "device_type": device.type, "torch": torch.__version__, "triton": triton_version,
             "python": platform.python_version(), "threads": torch.get_num_threads(), "git_commit": commit,
-            "git_dirty": dirty, "peaks": peaks(name), "copy_bandwidth_gbs": measured_copy_bandwidth_gbs(device)}
+            "git_dirty": dirty, "peaks": peaks(name), "copy_bandwidth_gbs": measured_copy_bandwidth_gbs(device),
+            "settings": settings_in_environment()}

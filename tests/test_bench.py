@@ -1,5 +1,6 @@
 """The benchmark tells the truth: a wrong provider is reported as wrong, and a run writes what it promises."""
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -33,7 +34,8 @@ def test_run_writes_json_and_markdown_with_every_field(tmp_path):
     out = tmp_path / "r.json"
     done = subprocess.run([sys.executable, str(BENCH / "run.py"), "--ops", "feature_recon_loss", "--presets", "seed",
                            "--no-compile", "--budget", "0.02", "--json", str(out), "--plot"],
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, VAEGAN_FAST_BF16_PRODUCTS="auto"))  # "auto" changes nothing
     assert done.returncode == 0, done.stdout + done.stderr
     result = json.loads(out.read_text())
     assert {"device", "torch", "triton", "git_commit"} <= set(result["environment"])
@@ -54,6 +56,10 @@ def test_run_writes_json_and_markdown_with_every_field(tmp_path):
         # The CPU's generation, not only its name ("AMD EPYC" covers several), beside every figure.
         assert cpu["family"] and cpu["model"] is not None
         assert f"family {cpu['family']} model {cpu['model']}" in out.with_suffix(".md").read_text()
+    # The settings that change which kernels run are named, so that a run under them can be told apart.
+    assert result["environment"]["settings"]["VAEGAN_FAST_BF16_PRODUCTS"] == "auto"
+    assert "VAEGAN_FAST_BF16_PRODUCTS=auto" in next(l for l in out.with_suffix(".md").read_text().splitlines()
+                                                    if l.startswith("Environment: "))
     for chart in ("r-e2e.png", "r-kernels.png"):
         assert (tmp_path / chart).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
