@@ -173,7 +173,6 @@ at::Tensor image_of_rows(const at::Tensor& rows, at::IntArrayRef chw) {
 // The native backend's layer_forward (vaegan_fast/ops/layer/native.py); flatten and unflatten give the same values
 // in the layout their neighbour reads (channel-first rows, channels-last images).
 at::Tensor layer_forward(Layer& l, const at::Tensor& x, int64_t groups, Cache& cache) {
-  const int64_t n = x.size(0);
   if (l.kind == kFlatten || l.kind == kUnflatten) {
     cache.x = x;
     if (l.kind == kFlatten) return flat_rows(x);
